@@ -1,0 +1,143 @@
+"""Command line: `python -m pipeline run ...` and `python -m pipeline convert SRC DST`.
+
+Arguments are turned into a typed `RunConfig` once, here; nothing downstream sees argparse.
+"""
+
+from __future__ import annotations
+
+import zlib  # noqa: F401 - paddle 2.6 breaks zlib unless zlib is imported before it
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import (
+    DEFAULT_INPUT,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_OUT,
+    ConfigError,
+    RunConfig,
+    cache_dir,
+    default_model_source,
+)
+from pipeline.modeldir import ModelDirError, ModelInfo, load_model_info
+from pipeline.reader import ColumnMap, InputError
+
+
+def default_model() -> ModelInfo:
+    """all-MiniLM-L6-v2, converted into the cache on first use and reused after."""
+    from pipeline.convert import ensure_converted
+
+    dst = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    ensure_converted(default_model_source(), dst, name=DEFAULT_MODEL_NAME)
+    return load_model_info(dst)
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="score and rank a dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="*", type=Path, default=[DEFAULT_INPUT],
+                   help="files or folders (TSV/CSV with header, JSONL, Parquet; .gz for text formats)")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"runtime model directory (default: {DEFAULT_MODEL_NAME}, converted on first use)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--mode", choices=["cross", "bi"], default=None, help="scoring mode (default: the model's)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    d = RunConfig()
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per batch")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="sequences per batch")
+    p.add_argument("--pad-multiple", type=int, default=d.pad_multiple,
+                   help="round each batch's length up to a multiple of this: fewer distinct shapes for the "
+                        "predictor to prepare, a little more padding")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: core count; 0: in-process)")
+    p.add_argument("--threads", type=int, default=None, help="predictor threads (default: core count)")
+    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows read and tokenized per task")
+    p.add_argument("--window-rows", type=int, default=d.window_rows, help="rows sorted by length together")
+    p.add_argument("--embedding-cache", type=int, default=d.embedding_cache,
+                   help="bi mode: distinct texts whose embeddings are kept across windows")
+    p.add_argument("--run-tag", default=d.run_tag, help="tag in the TREC run file")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on for a terminal)")
+    for field in ("qid", "query", "doc_id", "doc", "label", "input_ids", "token_type_ids"):
+        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
+                       help=f"input column holding {field}")
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="checkpoint (Hugging Face or PaddleNLP layout) -> runtime model directory")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--mode", choices=["cross", "bi"], default=None,
+                   help="scoring mode (default: cross if the checkpoint has a classifier, else bi)")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--name", default=None, help="model name recorded in model.json")
+    p.add_argument("--force", action="store_true", help="overwrite DST")
+
+
+def _run(args) -> int:
+    from pipeline.runner import run
+
+    cfg = RunConfig(
+        inputs=tuple(args.inputs), model=args.model, out_dir=args.out, mode=args.mode, max_seq_len=args.max_seq_len,
+        columns=ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__}),
+        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, workers=args.workers,
+        threads=args.threads, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
+        progress=args.progress, run_tag=args.run_tag, embedding_cache=args.embedding_cache,
+    )
+    info = load_model_info(cfg.model) if cfg.model else default_model()
+    report = run(cfg, info)
+    print(format_summary(report, cfg.out_dir))
+    return 0
+
+
+def format_summary(report: dict, out_dir: Path) -> str:
+    r, t, s = report["rows"], report["tokens"], report["seconds"]
+    lines = [
+        f"model      {report['model']['name']} ({report['model']['mode']}, {report['model']['precision']})",
+        f"rows       read {r['read']}  scored {r['scored']}  rejected {r['rejected']}",
+        f"tokens     {t['real']} real, {t['padded']} padded (+{100 * t['padding_overhead']:.1f}%), "
+        f"{t['batches']} batches",
+        "seconds    " + "  ".join(f"{k} {v:.2f}" for k, v in s.items()),
+        f"speed      {report['rows_per_second']:.1f} rows/s, {report['tokens_per_second']:.0f} tokens/s",
+    ]
+    m = report.get("metrics")
+    if m:
+        f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731 - undefined metrics are None
+        lines.append(f"metrics    MRR@10 {f(m['mrr_at_10'])}  NDCG@10 {f(m['ndcg_at_10'])}  PNR {f(m['pnr'])} "
+                     f"({m['pairs_correct']} pairs right, {m['pairs_wrong']} wrong, {m['pairs_tied']} tied)")
+    if r["rejected"]:
+        lines.append(f"rejects    {r['rejected']} rows, reasons in {out_dir / 'rejects.tsv'}")
+    lines.append(f"outputs    {out_dir}/ (ranked.tsv, run.trec, predictions.tsv, report.json, submission.zip)")
+    return "\n".join(lines)
+
+
+def _convert(args) -> int:
+    from pipeline.convert import convert
+
+    dst = convert(args.src, args.dst, mode=args.mode, force=args.force, max_seq_len=args.max_seq_len, name=args.name)
+    info = load_model_info(dst)
+    print(f"converted {args.src} -> {dst} ({info.name}, mode {info.mode}, max_seq_len {info.max_seq_len}, "
+          f"{info.num_hidden_layers} layers, hidden {info.hidden_size}, vocab {info.vocab_size})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _convert_parser(sub)
+    args = parser.parse_args(argv)
+    from pipeline.convert import ConversionError
+    from pipeline.runner import RunError
+
+    try:
+        return {"run": _run, "convert": _convert}[args.command](args)
+    except (InputError, ConfigError, ModelDirError, ConversionError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output was committed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

