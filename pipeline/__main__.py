@@ -52,8 +52,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="predictor threads (default: core count)")
     p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows read and tokenized per task")
     p.add_argument("--window-rows", type=int, default=d.window_rows, help="rows sorted by length together")
-    p.add_argument("--embedding-cache", type=int, default=d.embedding_cache,
-                   help="bi mode: distinct texts whose embeddings are kept across windows")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out (same inputs, model and settings)")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
     p.add_argument("--run-tag", default=d.run_tag, help="tag in the TREC run file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for a terminal)")
@@ -81,7 +82,7 @@ def _run(args) -> int:
         columns=ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__}),
         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, workers=args.workers,
         threads=args.threads, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
-        progress=args.progress, run_tag=args.run_tag, embedding_cache=args.embedding_cache,
+        progress=args.progress, run_tag=args.run_tag, resume=args.resume, restart=args.restart,
     )
     info = load_model_info(cfg.model) if cfg.model else default_model()
     report = run(cfg, info)

@@ -63,14 +63,15 @@ class RunConfig:
     max_seq_len: int | None = None  # None: the model's
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
-    pad_multiple: int = 8  # batch lengths rounded up to a multiple of this (see README "Speed")
+    pad_multiple: int = 1  # batch lengths rounded up to a multiple of this (see README "Speed")
     workers: int | None = None  # tokenizer processes; None: the core count; 0: in-process
     threads: int | None = None  # predictor threads; None: the core count
     chunk_rows: int = 2048
     window_rows: int = 32768
     progress: bool | None = None  # None: on when stderr is a terminal
     run_tag: str = "pipeline"
-    embedding_cache: int = 65536  # bi mode: texts whose embeddings are kept across windows
+    resume: bool = False  # continue the unfinished run in out_dir/.partial
+    restart: bool = False  # discard an unfinished run in out_dir/.partial
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,6 @@ class Settings:
     window_rows: int
     progress: bool
     run_tag: str
-    embedding_cache: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,11 +117,13 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
         )
     for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--pad-multiple", cfg.pad_multiple, 1),
                              ("--chunk-rows", cfg.chunk_rows, 1),
-                             ("--window-rows", cfg.window_rows, 1), ("--embedding-cache", cfg.embedding_cache, 0)):
+                             ("--window-rows", cfg.window_rows, 1)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
     workers = cores if cfg.workers is None else cfg.workers
     threads = cores if cfg.threads is None else cfg.threads
+    if cfg.resume and cfg.restart:
+        raise ConfigError("--resume and --restart exclude each other")
     if workers < 0 or threads < 1:
         raise ConfigError(f"--workers must be >= 0 and --threads >= 1 (got {workers}, {threads})")
     import sys
@@ -131,7 +133,6 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
         mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
         max_batch_size=cfg.max_batch_size, pad_multiple=cfg.pad_multiple, workers=workers, threads=threads, chunk_rows=cfg.chunk_rows,
         window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress, run_tag=cfg.run_tag,
-        embedding_cache=cfg.embedding_cache,
     )
 
 

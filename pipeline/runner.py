@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import signal
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -29,12 +29,12 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.batching import pad_batch, plan_batches
-from pipeline.config import RunConfig, Settings, check_writable, resolve
+from pipeline.config import ConfigError, RunConfig, Settings, check_writable, resolve
 from pipeline.modeldir import ModelInfo, TokenizerSettings
 from pipeline.ranking import rank_per_query, ranking_metrics
-from pipeline.reader import Chunk, DatasetReader, Reject, list_input_files
+from pipeline.reader import Chunk, DatasetReader, InputError, Reject
 from pipeline.tokenizer import Encoded, WordPieceTokenizer, fit_pretokenized
-from pipeline.writer import FILES, OutputWriter
+from pipeline.writer import FILES, RunStore
 
 
 class RunError(Exception):
@@ -131,7 +131,7 @@ class InlineExecutor:
 
 @dataclass
 class Item:
-    chunk: Chunk | None
+    chunk: Chunk | None  # None when every row of the reader's chunk was rejected
     rejects: list[Reject]
     future: Future | None = None
     text_index: tuple[np.ndarray, np.ndarray] | None = None  # bi: each row's query and doc slot
@@ -144,9 +144,10 @@ _END = object()
 class ChunkFeeder(threading.Thread):
     """Reads chunks, submits them for tokenization, queues them in input order."""
 
-    def __init__(self, reader: DatasetReader, executor, settings: Settings, depth: int):
+    def __init__(self, reader: DatasetReader, executor, settings: Settings, depth: int, skip: int = 0):
         super().__init__(daemon=True, name="chunk-feeder")
         self.reader, self.executor, self.settings = reader, executor, settings
+        self.skip = skip  # chunks an earlier session committed: read (for counts) but not queued
         self.items: queue.Queue = queue.Queue(maxsize=depth)
         self.read_seconds = 0.0
         self.stop = threading.Event()
@@ -154,13 +155,16 @@ class ChunkFeeder(threading.Thread):
     def run(self) -> None:
         try:
             chunks = self.reader.chunks()
+            index = 0
             while not self.stop.is_set():
                 t0 = time.perf_counter()
                 nxt = next(chunks, None)
                 self.read_seconds += time.perf_counter() - t0
                 if nxt is None:
                     break
-                self._put(self._submit(*nxt))
+                if index >= self.skip:
+                    self._put(self._submit(*nxt))
+                index += 1
             self._put(_END)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             self._put(e)
@@ -195,9 +199,14 @@ class ChunkFeeder(threading.Thread):
 # ----------------------------------------------------------------------------- the run
 
 
+class Interrupted(RunError):
+    """SIGINT/SIGTERM: the run stopped at a batch boundary; committed windows are kept."""
+
+
 @dataclass
 class Tally:
-    """Counts and stage times that end in report.json."""
+    """Counts and stage times that end in report.json; saved with every committed window so a
+    resumed run reports the whole job."""
 
     rows_scored: int = 0
     rows_rejected: int = 0
@@ -206,6 +215,7 @@ class Tally:
     padded_tokens: int = 0
     batches: int = 0
     truncated_pretokenized: int = 0
+    read_seconds: float = 0.0
     tokenize_seconds: float = 0.0
     tokenize_wait_seconds: float = 0.0
     infer_seconds: float = 0.0
@@ -215,106 +225,117 @@ class Tally:
     def file(self, name: str) -> dict[str, int]:
         return self.per_file.setdefault(name, {"scored": 0, "rejected": 0})
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 class Scorer:
-    """Turns a window of tokenized chunks into one score per accepted row."""
+    """Turns a window of tokenized chunks into one score per row (NaN where a row has none)."""
 
-    def __init__(self, backend: Backend, settings: Settings, pad_id: int, tally: Tally):
-        self.backend, self.s, self.pad_id, self.tally = backend, settings, pad_id, tally
-        self.embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # bi: text -> embedding
+    def __init__(self, backend: Backend, settings: Settings, pad_id: int, tally: Tally, stop: threading.Event):
+        self.backend, self.s, self.pad_id, self.tally, self.stop = backend, settings, pad_id, tally, stop
 
-    def infer(self, enc: Encoded, on_batch=None) -> np.ndarray:
-        """Run every sequence of `enc` through the backend in length-sorted batches; outputs
-        come back in `enc`'s order."""
+    def infer(self, enc: Encoded, on_batch) -> np.ndarray:
+        """Every sequence of `enc` through the backend in length-sorted batches; outputs in
+        `enc`'s order."""
         batches = plan_batches(enc.lengths, self.s.max_batch_tokens, self.s.max_batch_size, self.s.pad_multiple)
         out = None
         for batch in batches:
+            if self.stop.is_set():
+                raise Interrupted("interrupted")
             arrays = pad_batch(enc, batch, self.pad_id)
             t0 = time.perf_counter()
             res = self.backend.run(*arrays)
             self.tally.infer_seconds += time.perf_counter() - t0
-            assert res.shape[0] == len(batch.rows), f"backend returned {res.shape[0]} rows for a batch of {len(batch.rows)}"
+            assert res.shape[0] == len(batch.rows), f"backend returned {res.shape[0]} rows for {len(batch.rows)}"
             if out is None:
                 out = np.empty((len(enc),) + res.shape[1:], dtype=res.dtype)
             out[batch.rows] = res
             self.tally.padded_tokens += batch.padded_tokens
             self.tally.batches += 1
-            if on_batch:
-                on_batch(len(batch.rows))
+            on_batch(len(batch.rows))
         self.tally.sequences += len(enc)
         self.tally.tokens += int(enc.lengths.sum())
-        return out if out is not None else np.empty(0, dtype=np.float32)
+        return out if out is not None else np.empty((0,), dtype=np.float32)
 
-    def score_cross(self, encs: list[Encoded], on_batch) -> list[np.ndarray]:
-        scores = self.infer(Encoded.concat(encs), on_batch).astype(np.float64)
-        bounds = np.cumsum([0] + [len(e) for e in encs])
-        return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    def score(self, items: list[Item], results: list[TokenizeResult], on_batch) -> list[np.ndarray]:
+        if self.s.mode == "cross":
+            return self._score_cross(items, results, on_batch)
+        return self._score_bi(items, results, on_batch)
 
-    def score_bi(self, items: list[Item], results: list[TokenizeResult], on_batch) -> list[np.ndarray]:
-        """Cosine of query and doc embeddings; each distinct text is encoded once per window
-        and reused from the embedding cache across windows."""
-        slot_of: dict[str, int] = {}  # window-wide distinct text -> row of `table`
-        known: list[np.ndarray] = []
-        todo_parts, todo_slots = [], []
-        chunk_slots = []
+    def _score_cross(self, items, results, on_batch) -> list[np.ndarray]:
+        scores = self.infer(Encoded.concat([r.enc for r in results]), on_batch).astype(np.float64)
+        out, start = [], 0
+        for it, r in zip(items, results):
+            s = np.full(len(it.chunk), np.nan)
+            keep = np.array([i not in r.failed for i in range(len(it.chunk))], dtype=bool)
+            s[keep] = scores[start:start + len(r.enc)]
+            start += len(r.enc)
+            out.append(s)
+        return out
+
+    def _score_bi(self, items, results, on_batch) -> list[np.ndarray]:
+        """Cosine of query and doc embeddings. Each distinct text of the window is encoded once.
+        (No cache across windows: a window's scores then depend only on the window, which keeps
+        resumed runs byte-identical to uninterrupted ones.)"""
+        slot_of: dict[str, int] = {}
+        parts, chunk_slots = [], []
         for item, res in zip(items, results):
             ok = np.array([i not in res.failed for i in range(len(item.texts))], dtype=bool)
-            enc_pos = np.cumsum(ok) - 1  # item text index -> index in res.enc
+            enc_pos = np.cumsum(ok) - 1  # text index in the chunk -> index in res.enc
             slots = np.full(len(item.texts), -1, dtype=np.int64)
-            new_local = []
+            new = []
             for i, text in enumerate(item.texts):
-                if not ok[i]:
-                    continue
-                slot = slot_of.get(text)
-                if slot is None:
-                    slot = slot_of[text] = len(slot_of)
-                    cached = self.embeddings.get(text)
-                    if cached is not None:
-                        self.embeddings.move_to_end(text)
-                        known.append((slot, cached))
-                    else:
-                        new_local.append(int(enc_pos[i]))
-                        todo_slots.append(slot)
-                slots[i] = slot
-            if new_local:
-                todo_parts.append(Encoded(res.enc.ids.take(np.array(new_local)), res.enc.types.take(np.array(new_local))))
+                if ok[i]:
+                    slot = slot_of.get(text)
+                    if slot is None:
+                        slot = slot_of[text] = len(slot_of)
+                        new.append(int(enc_pos[i]))
+                    slots[i] = slot
+            if new:
+                idx = np.array(new)
+                parts.append(Encoded(res.enc.ids.take(idx), res.enc.types.take(idx)))
             chunk_slots.append(slots)
-        computed = self.infer(Encoded.concat(todo_parts), on_batch)
-        dim = computed.shape[1] if computed.ndim == 2 else (known[0][1].shape[0] if known else 0)
-        table = np.zeros((len(slot_of), dim), dtype=np.float32)
-        for slot, vec in known:
-            table[slot] = vec
-        if len(todo_slots):
-            table[np.array(todo_slots)] = computed
-        if self.s.embedding_cache:
-            texts_by_slot = list(slot_of)
-            for slot in todo_slots:
-                self.embeddings[texts_by_slot[slot]] = table[slot]
-            while len(self.embeddings) > self.s.embedding_cache:
-                self.embeddings.popitem(last=False)
+        table = self.infer(Encoded.concat(parts), on_batch).astype(np.float64)
         out = []
         for item, slots in zip(items, chunk_slots):
             q_idx, d_idx = item.text_index
             qs, ds = slots[q_idx], slots[d_idx]
             valid = (qs >= 0) & (ds >= 0)
             score = np.full(len(q_idx), np.nan)
-            score[valid] = np.einsum("ij,ij->i", table[qs[valid]].astype(np.float64), table[ds[valid]].astype(np.float64))
+            score[valid] = np.einsum("ij,ij->i", table[qs[valid]], table[ds[valid]])
             out.append(score)
         return out
 
 
-def run(cfg: RunConfig, model: ModelInfo, log=print) -> dict:
+def fingerprint(files: list[Path], model: ModelInfo, settings: Settings, cfg: RunConfig) -> dict:
+    """What must not change between a run and its resumption (anything that changes results)."""
+    res = settings.to_dict()
+    for k in ("workers", "progress"):  # do not change results
+        res.pop(k)
+    return {
+        "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "model": [str(model.path.resolve()), model.checksum],
+        "settings": res,
+        "columns": asdict(cfg.columns),
+        "pipeline_version": __version__,
+    }
+
+
+def run(cfg: RunConfig, model: ModelInfo) -> dict:
     """Score and rank `cfg.inputs` with `model`; returns the report (also written to report.json)."""
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     settings = resolve(cfg, model)
-    files = list_input_files(cfg.inputs)
-    check_writable(cfg.out_dir)
-    reader = DatasetReader(files, cfg.columns, chunk_rows=settings.chunk_rows)
+    reader = DatasetReader(cfg.inputs, cfg.columns, chunk_rows=settings.chunk_rows)  # checks every header
+    files = reader.files
     if settings.mode == "bi" and reader.pretokenized:
-        from pipeline.config import ConfigError
-
         raise ConfigError("pre-tokenized input holds query-doc pairs, which only --mode cross can score")
+    check_writable(cfg.out_dir)
+    store = RunStore(cfg.out_dir, fingerprint(files, model, settings, cfg), cfg.resume, cfg.restart)
+    for name in FILES:  # stale results of an earlier run must not sit beside this run's
+        (cfg.out_dir / name).unlink(missing_ok=True)
+    tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()
     backend = create_backend(model, settings)
     tok = WordPieceTokenizer(model.vocab_file, model.tokenizer)  # also checks the vocab's special tokens
     if settings.workers > 0:
@@ -322,116 +343,127 @@ def run(cfg: RunConfig, model: ModelInfo, log=print) -> dict:
                                        initializer=_init_worker, initargs=(str(model.vocab_file), model.tokenizer))
     else:
         executor = InlineExecutor(str(model.vocab_file), model.tokenizer)
-    for name in FILES:  # stale results of an earlier run must not sit beside this run's
-        (cfg.out_dir / name).unlink(missing_ok=True)
-    writer = OutputWriter(cfg.out_dir)
-    tally = Tally()
-    scorer = Scorer(backend, settings, tok.pad_id, tally)
+    stop = threading.Event()
+    scorer = Scorer(backend, settings, tok.pad_id, tally, stop)
     chunks_per_window = max(1, settings.window_rows // settings.chunk_rows)
-    feeder = ChunkFeeder(reader, executor, settings, depth=chunks_per_window + 2 * max(settings.workers, 1))
+    feeder = ChunkFeeder(reader, executor, settings, depth=chunks_per_window + 2 * max(settings.workers, 1),
+                         skip=store.chunks)
     startup_seconds = time.perf_counter() - started
-    acc_qid, acc_doc, acc_label, acc_score = [], [], [], []
-    progress = _progress(settings.progress)
+    progress = _progress(settings.progress, initial=store.manifest["rows_committed"])
+    read_seconds_before = tally.read_seconds
 
-    def process(window: list[Item]) -> None:
+    def process(window: list[Item], chunks_done: int) -> None:
         t0 = time.perf_counter()
+        pending = [it for it in window if it.chunk is not None]
         try:
-            results = [it.future.result() for it in window]
+            results = [it.future.result() for it in pending]
         except BrokenProcessPool as e:
-            raise RunError("a tokenizer worker process died (killed or out of memory); the run stopped") from e
+            raise RunError("a tokenizer worker process died (killed or out of memory); committed work is "
+                           "kept: rerun with --resume") from e
         tally.tokenize_wait_seconds += time.perf_counter() - t0
-        rows = sum(len(it.chunk) for it in window)
+        rows = sum(len(it.chunk) for it in pending)
         seqs = sum(len(r.enc) for r in results) or 1
-        on_batch = lambda n: progress.update(n * rows / seqs)  # noqa: E731 - progress in rows
         for r in results:
             tally.tokenize_seconds += r.seconds
             tally.truncated_pretokenized += r.truncated
-        if settings.mode == "cross":
-            scores = scorer.score_cross([r.enc for r in results], on_batch)
-            # failed rows have no sequence: spread the scores back over the chunk's rows
-            full = []
-            for it, r, sc in zip(window, results, scores):
-                s = np.full(len(it.chunk), np.nan)
-                keep = np.array([i not in r.failed for i in range(len(it.chunk))], dtype=bool)
-                s[keep] = sc
-                full.append(s)
-            scores = full
-        else:
-            scores = scorer.score_bi(window, results, on_batch)
+        scores = scorer.score(pending, results, lambda n: progress.update(n * rows / seqs))
         t1 = time.perf_counter()
-        for it, r, sc in zip(window, results, scores):
+        rejects = [r for it in window for r in it.rejects]
+        cols: dict[str, list] = {c: [] for c in ("row", "file", "line", "qid", "doc_id", "label", "score")}
+        for it, r, sc in zip(pending, results, scores):
             c = it.chunk
             bad = np.isnan(sc)
             if bad.any():
                 reasons = _row_failures(it, r)
-                rej = [Reject(c.file, int(c.line[i]), int(c.row[i]), reasons.get(i, "tokenizer error"), c.qid[i], c.doc_id[i])
-                       for i in np.flatnonzero(bad)]
-                writer.write_rejects(rej)
-                tally.rows_rejected += len(rej)
-                tally.file(c.file)["rejected"] += len(rej)
+                rejects += [Reject(c.file, int(c.line[i]), int(c.row[i]), reasons.get(i, "tokenizer error"),
+                                   c.qid[i], c.doc_id[i]) for i in np.flatnonzero(bad)]
             keep = np.flatnonzero(~bad)
-            qid = np.array(c.qid, dtype=object)[keep]
-            label = c.label[keep] if c.label is not None else np.full(len(keep), np.nan)
-            writer.write_predictions(list(qid), label, sc[keep])
-            acc_qid.append(qid)
-            acc_doc.append(np.array(c.doc_id, dtype=object)[keep])
-            acc_label.append(label)
-            acc_score.append(sc[keep])
+            cols["row"].append(c.row[keep])
+            cols["file"].append(np.full(len(keep), files_index[c.file], dtype=np.int32))
+            cols["line"].append(c.line[keep])
+            cols["qid"] += [c.qid[i] for i in keep]
+            cols["doc_id"] += [c.doc_id[i] for i in keep]
+            cols["label"].append(c.label[keep] if c.label is not None else np.full(len(keep), np.nan))
+            cols["score"].append(sc[keep])
             tally.rows_scored += len(keep)
             tally.file(c.file)["scored"] += len(keep)
+        for r in rejects:
+            tally.rows_rejected += 1
+            tally.file(r.file)["rejected"] += 1
+        scored = {k: (np.concatenate(v) if k not in ("qid", "doc_id") else v) if v else [] for k, v in cols.items()}
+        if not cols["row"]:
+            scored = {k: [] for k in cols}
+        tally.read_seconds = read_seconds_before + feeder.read_seconds
         tally.write_seconds += time.perf_counter() - t1
+        store.commit_window(scored, sorted(rejects, key=lambda r: r.row), chunks_done, tally.to_dict())
+        progress.update(len(rejects))
 
+    files_index = {str(f): i for i, f in enumerate(files)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
     feeder.start()
     try:
         window: list[Item] = []
         window_rows = 0
+        chunk_index = store.chunks
         while True:
-            item = feeder.items.get()
+            try:
+                item = feeder.items.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():
+                    raise Interrupted("interrupted") from None
+                continue
             if item is _END:
                 break
             if isinstance(item, BaseException):
                 raise item
-            if item.rejects:
-                writer.write_rejects(item.rejects)
-                tally.rows_rejected += len(item.rejects)
-                for r in item.rejects:
-                    tally.file(r.file)["rejected"] += 1
-            if item.chunk is not None:
-                window.append(item)
-                window_rows += len(item.chunk)
+            window.append(item)
+            chunk_index += 1
+            window_rows += len(item.chunk) if item.chunk is not None else 0
             if window_rows >= settings.window_rows:
-                process(window)
+                process(window, chunk_index)
                 window, window_rows = [], 0
         if window:
-            process(window)
+            process(window, chunk_index)
         progress.close()
-
-        t0 = time.perf_counter()
-        qid = np.concatenate(acc_qid) if acc_qid else np.array([], dtype=object)
-        doc = np.concatenate(acc_doc) if acc_doc else np.array([], dtype=object)
-        label = np.concatenate(acc_label) if acc_label else np.array([], dtype=np.float64)
-        score = np.concatenate(acc_score) if acc_score else np.array([], dtype=np.float64)
-        order, rank = rank_per_query(qid, doc, score)
-        metrics = None
-        if reader.has_label and len(label) and not np.all(np.isnan(label)):
-            metrics = ranking_metrics(qid, doc, label, score).to_dict()
-        rank_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        writer.write_ranking(qid, doc, score, order, rank, settings.run_tag)
-        tally.write_seconds += time.perf_counter() - t0
-
-        report = _report(cfg, model, settings, reader, tally, files, metrics, started_at, startup_seconds,
-                         feeder.read_seconds, rank_seconds, time.perf_counter() - started)
-        writer.write_report(report)
-        writer.commit()
-    except BaseException:
+        report = _finish(store, cfg, model, settings, reader, tally, files, started_at, startup_seconds, started)
+    except BaseException as e:
         progress.close()
         feeder.stop.set()
-        writer.abort()
+        if isinstance(e, (InputError, ConfigError)):
+            store.discard()  # a file-level problem: nothing worth resuming
         raise
     finally:
         feeder.stop.set()
         executor.shutdown(wait=False, cancel_futures=True)
+        if in_main:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return report
+
+
+def _finish(store, cfg, model, settings, reader, tally, files, started_at, startup_seconds, started) -> dict:
+    """Rank everything committed and write the final files."""
+    t0 = time.perf_counter()
+    scored = store.load_scored()
+    qid = scored["qid"].to_numpy(object)
+    doc = scored["doc_id"].to_numpy(object)
+    label = scored["label"].to_numpy(np.float64)
+    score = scored["score"].to_numpy(np.float64)
+    order, rank = rank_per_query(qid, doc, score)
+    metrics = None
+    if reader.has_label and len(label) and not np.all(np.isnan(label)):
+        metrics = ranking_metrics(qid, doc, label, score).to_dict()
+    rank_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = _report(model, settings, reader, tally, files, metrics, started_at, startup_seconds, rank_seconds,
+                     store, started)
+    store.write_outputs(scored, order, rank, settings.run_tag, report)
+    store.publish()
+    report["seconds"]["write"] += time.perf_counter() - t0  # (the files already hold the report)
     return report
 
 
@@ -448,23 +480,23 @@ def _row_failures(item: Item, res: TokenizeResult) -> dict[int, str]:
     return out
 
 
-def _report(cfg, model, settings, reader, tally, files, metrics, started_at, startup_s, read_s, rank_s, total_s) -> dict:
-    counts = reader.counts
+def _report(model, settings, reader, tally, files, metrics, started_at, startup_s, rank_s, store, started) -> dict:
     per_file = []
     for f in files:
         name = str(f)
-        c = counts.get(name)
         t = tally.per_file.get(name, {"scored": 0, "rejected": 0})
-        per_file.append({"file": name, "rows_read": c.rows_read if c else 0, "rows_scored": t["scored"],
+        per_file.append({"file": name, "rows_read": reader.counts[name].rows_read, "rows_scored": t["scored"],
                          "rows_rejected": t["rejected"]})
-    rows_read = sum(p["rows_read"] for p in per_file)
+    total_s = time.perf_counter() - started
     processing_s = total_s - startup_s
     return {
         "pipeline_version": __version__,
         "started_at": started_at,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sessions": store.manifest["sessions"],
         "inputs": [str(f) for f in files],
-        "rows": {"read": rows_read, "scored": tally.rows_scored, "rejected": tally.rows_rejected},
+        "rows": {"read": sum(p["rows_read"] for p in per_file), "scored": tally.rows_scored,
+                 "rejected": tally.rows_rejected},
         "files": per_file,
         "tokens": {
             "sequences": tally.sequences,
@@ -476,7 +508,7 @@ def _report(cfg, model, settings, reader, tally, files, metrics, started_at, sta
         },
         "seconds": {
             "startup": startup_s,
-            "read": read_s,
+            "read": tally.read_seconds,
             "tokenize": tally.tokenize_seconds,
             "tokenize_wait": tally.tokenize_wait_seconds,
             "infer": tally.infer_seconds,
@@ -503,10 +535,10 @@ class _NoProgress:
         pass
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, initial: int = 0):
     if not enabled:
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(unit="rows", unit_scale=True, smoothing=0.1, dynamic_ncols=True,
-                bar_format="{l_bar}{n:.0f} rows [{elapsed}, {rate_fmt}]")
+    return tqdm(unit="rows", initial=initial, smoothing=0.1, dynamic_ncols=True,
+                bar_format="{desc}{n:.0f} rows [{elapsed}, {rate_fmt}]")

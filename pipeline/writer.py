@@ -1,12 +1,17 @@
-"""Output files (no paddle): written under temporary names, moved into place only at the end.
+"""Run state and output files (no paddle).
 
-A run that fails leaves no file that looks complete: everything is written into
-`OUT/.partial/` and `commit()` moves each finished file into `OUT/` with os.replace.
+A run commits its results window by window into `OUT/.partial/`:
+- `part-NNNNNN.tsv`: `row, file, line, qid, doc_id, label, score` of the window's scored rows;
+- `rejects-NNNNNN.tsv`: the window's rejected rows with their reasons;
+- `manifest.json`: how many windows and reader chunks are committed, the run's counters, and a
+  fingerprint of inputs, model and settings. It is replaced atomically after the parts are on
+  disk, so a run killed at any point resumes from the last manifest (`--resume`).
 
-Files:
-- `predictions.tsv`: `qid \\t label \\t score` per scored pair, in input order (the
-  competition layout), streamed as windows finish.
-- `rejects.tsv`: `file, line, row, qid, doc_id, reason` per rejected row, streamed.
+At the end `finish()` builds the final files from the parts and moves each into `OUT/`:
+a failed or interrupted run never leaves a file there that looks complete.
+
+- `predictions.tsv`: `qid \\t label \\t score` per scored pair, in input order (competition layout).
+- `rejects.tsv`: `file, line, row, qid, doc_id, reason` per rejected row, in input order.
 - `ranked.tsv`: `qid, doc_id, rank, score`, per qid by descending score (ties by doc_id).
 - `run.trec`: the same ranking as a TREC run file.
 - `report.json`: counts, stage times, settings, model, metrics.
@@ -15,18 +20,28 @@ Files:
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pipeline.reader import Reject
 
 PARTIAL = ".partial"
+MANIFEST = "manifest.json"
 FILES = ("predictions.tsv", "rejects.tsv", "ranked.tsv", "run.trec", "report.json", "submission.zip")
+REJECT_COLUMNS = ["file", "line", "row", "qid", "doc_id", "reason"]
+PART_COLUMNS = ["row", "file", "line", "qid", "doc_id", "label", "score"]
+
+
+class ResumeError(Exception):
+    """An unfinished run is in the way, or does not match this one; the message says what to do."""
 
 
 def format_score(x: float) -> str:
@@ -40,64 +55,143 @@ def format_label(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _clean(s: str) -> str:
+def clean(s: str) -> str:
     """Fields of our TSV outputs never contain a tab or newline, whatever the input held."""
     return s.replace("\t", " ").replace("\n", " ").replace("\r", " ")
 
 
-class OutputWriter:
-    def __init__(self, out_dir: Path):
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _read_tsv(path: Path, dtypes: dict) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=dtypes, keep_default_na=False,
+                       na_values={"label": [""]}, float_precision="round_trip", encoding="utf-8")
+
+
+class RunStore:
+    def __init__(self, out_dir: Path, fingerprint: dict, resume: bool, restart: bool):
         self.out_dir = out_dir
         self.partial = out_dir / PARTIAL
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
-        self._pred = open(self.partial / "predictions.tsv", "w", encoding="utf-8", newline="\n")
-        self._rej = open(self.partial / "rejects.tsv", "w", encoding="utf-8", newline="\n")
-        self._rej.write("file\tline\trow\tqid\tdoc_id\treason\n")
+        self.fingerprint = fingerprint
+        manifest = self._load_manifest()
+        if manifest and manifest["windows"] > 0 and not (resume or restart):
+            raise ResumeError(
+                f"{self.partial} holds an unfinished run ({manifest['rows_committed']} rows committed); "
+                f"pass --resume to continue it or --restart to discard it"
+            )
+        if manifest and resume:
+            if manifest["fingerprint"] != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(manifest["fingerprint"])
+                              if fingerprint.get(k) != manifest["fingerprint"].get(k))
+                raise ResumeError(
+                    f"the unfinished run in {self.partial} was made with other {', '.join(diff)}; "
+                    f"resume with the same inputs, model and settings, or pass --restart to start over"
+                )
+            self.manifest = manifest
+            # Parts written after the last manifest belong to no committed window.
+            for p in self.partial.glob("*-*.tsv"):
+                if int(p.stem.split("-")[1]) >= manifest["windows"]:
+                    p.unlink()
+        else:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+            self.manifest = {"fingerprint": fingerprint, "windows": 0, "chunks": 0, "rows_committed": 0,
+                             "tally": {}, "sessions": 0}
+        self.manifest["sessions"] += 1
 
-    def write_predictions(self, qid: list[str], label: np.ndarray, score: np.ndarray) -> None:
-        self._pred.write("".join(
-            f"{_clean(q)}\t{format_label(l)}\t{format_score(s)}\n" for q, l, s in zip(qid, label, score)
-        ))
+    def _load_manifest(self) -> dict | None:
+        path = self.partial / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
 
-    def write_rejects(self, rejects: list[Reject]) -> None:
-        self._rej.write("".join(
-            f"{_clean(r.file)}\t{r.line}\t{r.row}\t{_clean(r.qid)}\t{_clean(r.doc_id)}\t{_clean(r.reason)}\n"
-            for r in rejects
-        ))
+    @property
+    def windows(self) -> int:
+        return self.manifest["windows"]
 
-    def write_ranking(self, qid: np.ndarray, doc_id: np.ndarray, score: np.ndarray, order: np.ndarray,
-                      rank: np.ndarray, tag: str) -> None:
-        with open(self.partial / "ranked.tsv", "w", encoding="utf-8", newline="\n") as ranked, \
-                open(self.partial / "run.trec", "w", encoding="utf-8", newline="\n") as trec:
+    @property
+    def chunks(self) -> int:
+        return self.manifest["chunks"]
+
+    @property
+    def resumed(self) -> bool:
+        return self.manifest["sessions"] > 1
+
+    def commit_window(self, scored: dict[str, np.ndarray | list], rejects: list[Reject], chunks: int,
+                      tally: dict) -> None:
+        """Make one window durable: parts first, then the manifest that points at them."""
+        w = self.manifest["windows"]
+        lines = ["\t".join(PART_COLUMNS)]
+        lines += [f"{r}\t{f}\t{ln}\t{clean(q)}\t{clean(d)}\t{format_label(y)}\t{format_score(s)}"
+                  for r, f, ln, q, d, y, s in zip(*(scored[c] for c in PART_COLUMNS))]
+        _write_atomic(self.partial / f"part-{w:06d}.tsv", "\n".join(lines) + "\n")
+        lines = ["\t".join(REJECT_COLUMNS)]
+        lines += [f"{clean(r.file)}\t{r.line}\t{r.row}\t{clean(r.qid)}\t{clean(r.doc_id)}\t{clean(r.reason)}"
+                  for r in rejects]
+        _write_atomic(self.partial / f"rejects-{w:06d}.tsv", "\n".join(lines) + "\n")
+        self.manifest.update(windows=w + 1, chunks=chunks, tally=tally,
+                             rows_committed=self.manifest["rows_committed"] + len(scored["row"]) + len(rejects))
+        _write_atomic(self.partial / MANIFEST, json.dumps(self.manifest, indent=1))
+
+    def load_scored(self) -> pd.DataFrame:
+        parts = [_read_tsv(self.partial / f"part-{w:06d}.tsv",
+                           {"qid": str, "doc_id": str, "row": np.int64, "file": np.int32, "line": np.int64})
+                 for w in range(self.windows)]
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
+                PART_COLUMNS, [np.int64, np.int32, np.int64, object, object, np.float64, np.float64])})
+        return pd.concat(parts, ignore_index=True)
+
+    def write_outputs(self, scored: pd.DataFrame, order: np.ndarray, rank: np.ndarray, tag: str,
+                      report: dict) -> None:
+        """All final files into .partial/ (then `publish` moves them into OUT)."""
+        p = self.partial
+        qid = scored["qid"].to_numpy(object)
+        doc = scored["doc_id"].to_numpy(object)
+        label = scored["label"].to_numpy(np.float64)
+        score = scored["score"].to_numpy(np.float64)
+        with open(p / "predictions.tsv", "w", encoding="utf-8", newline="\n") as f:
+            for start in range(0, len(qid), 65536):
+                sl = slice(start, start + 65536)
+                f.write("".join(f"{q}\t{format_label(y)}\t{format_score(s)}\n"
+                                for q, y, s in zip(qid[sl], label[sl], score[sl])))
+        with open(p / "ranked.tsv", "w", encoding="utf-8", newline="\n") as ranked, \
+                open(p / "run.trec", "w", encoding="utf-8", newline="\n") as trec:
             ranked.write("qid\tdoc_id\trank\tscore\n")
-            block = 65536
-            for start in range(0, len(order), block):
-                idx = order[start:start + block]
-                rows = [(_clean(qid[i]), _clean(doc_id[i]), rank[i], format_score(score[i])) for i in idx]
+            for start in range(0, len(order), 65536):
+                rows = [(qid[i], doc[i], rank[i], format_score(score[i])) for i in order[start:start + 65536]]
                 ranked.write("".join(f"{q}\t{d}\t{r}\t{s}\n" for q, d, r, s in rows))
                 # TREC fields are space-separated: spaces inside ids would shift columns.
-                trec.write("".join(
-                    f"{q.replace(' ', '_')} Q0 {d.replace(' ', '_')} {r} {s} {tag}\n" for q, d, r, s in rows
-                ))
+                trec.write("".join(f"{q.replace(' ', '_')} Q0 {d.replace(' ', '_')} {r} {s} {tag}\n"
+                                   for q, d, r, s in rows))
+        rejects = [_read_tsv(p / f"rejects-{w:06d}.tsv", {c: str for c in REJECT_COLUMNS})
+                   for w in range(self.windows)]
+        with open(p / "rejects.tsv", "w", encoding="utf-8", newline="\n") as f:
+            f.write("\t".join(REJECT_COLUMNS) + "\n")
+            if rejects:
+                allr = pd.concat(rejects, ignore_index=True)
+                allr = allr.iloc[np.argsort(allr["row"].astype(np.int64).to_numpy(), kind="stable")]
+                f.write("".join("\t".join(r) + "\n" for r in allr.itertuples(index=False, name=None)))
+        (p / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        with zipfile.ZipFile(p / "submission.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.write(p / "predictions.tsv", "predictions.tsv")
+            z.write(p / "report.json", "report.json")
 
-    def write_report(self, report: dict) -> None:
-        text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-        (self.partial / "report.json").write_text(text, encoding="utf-8")
-
-    def commit(self) -> None:
-        """Close the streams, build the submission zip, and move every file into place."""
-        self._pred.close()
-        self._rej.close()
-        with zipfile.ZipFile(self.partial / "submission.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
-            z.write(self.partial / "predictions.tsv", "predictions.tsv")
-            z.write(self.partial / "report.json", "report.json")
+    def publish(self) -> None:
+        """Move every final file into OUT, then drop the run state."""
         for name in FILES:
             (self.partial / name).replace(self.out_dir / name)
-        self.partial.rmdir()
+        shutil.rmtree(self.partial)
 
-    def abort(self) -> None:
-        for f in (self._pred, self._rej):
-            f.close()
+    def discard(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)

@@ -153,7 +153,7 @@ def main() -> int:
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    print(f"stage seconds (last run): " + ", ".join(f"{k} {v:.2f}" for k, v in rep["seconds"].items()))
+    print("stage seconds (last run): " + ", ".join(f"{k} {v:.2f}" for k, v in rep["seconds"].items()))
     print(f"JSON: {out}")
     return 0
 

@@ -22,6 +22,45 @@ def test_plan_batches_covers_every_row_once_within_budget(lengths, budget, cap, 
         assert b.seq_len - lengths[b.rows].max() < multiple
 
 
+def _greedy_cost(lengths, budget, cap, cost):
+    """Independent reference: fill each batch to the budget, longest first."""
+    ls = sorted(lengths, reverse=True)
+    total, i = 0, 0
+    while i < len(ls):
+        k = min(cap, budget // ls[i], len(ls) - i)
+        total += k * ls[i] + cost
+        i += k
+    return total
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=300), st.integers(200, 3000), st.integers(1, 50),
+       st.integers(0, 1000))
+def test_planned_cost_never_exceeds_greedy(lengths, budget, cap, cost):
+    batches = plan_batches(np.array(lengths), budget, cap, 1, cost)
+    planned = sum(b.padded_tokens + cost for b in batches)
+    assert planned <= _greedy_cost(lengths, budget, cap, cost)
+
+
+def test_default_settings_pad_the_sample_under_5_percent(minilm_src):
+    """Issue 3's target, on the embedded sample's distinct texts at the default settings."""
+    import csv
+
+    from pipeline.config import DEFAULT_INPUT, RunConfig
+    from pipeline.modeldir import TokenizerSettings
+    from pipeline.tokenizer import WordPieceTokenizer
+
+    tok = WordPieceTokenizer(minilm_src / "vocab.txt", TokenizerSettings(lowercase=True))
+    with open(DEFAULT_INPUT / "pairs.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    texts = list(dict.fromkeys([r["query"] for r in rows] + [r["doc"] for r in rows]))
+    lengths = tok.encode_single(texts, 256).lengths
+    d = RunConfig()
+    batches = plan_batches(lengths, d.max_batch_tokens, d.max_batch_size, d.pad_multiple)
+    overhead = sum(b.padded_tokens for b in batches) / lengths.sum() - 1
+    assert 0 <= overhead < 0.05
+
+
 def test_sorted_batches_pad_little():
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 200, 20000)

@@ -54,7 +54,7 @@ def test_default_model_ranks_sample(small_sample, minilm_dir, tmp_path):
     # bi mode encodes each distinct text once
     distinct = len({r["query"] for r in rows} | {r["doc"] for r in rows})
     assert report["tokens"]["sequences"] == distinct
-    assert report["tokens"]["padding_overhead"] < 0.05
+    assert 0 <= report["tokens"]["padding_overhead"] < 0.10
     # a real model on real text ranks far better than chance (random NDCG@10 ~ 0.27 on this data)
     assert report["metrics"]["ndcg_at_10"] > 0.5
     assert set(report["seconds"]) >= {"read", "tokenize", "infer", "rank", "write"}
@@ -114,14 +114,16 @@ def test_file_level_error_exits_nonzero_and_leaves_no_output(tiny_cross_dir, tmp
 
 def test_workers_and_batch_settings_do_not_change_results(small_sample, tiny_cross_dir, tmp_path):
     outs = []
-    for i, extra in enumerate([["--workers", "0"], ["--workers", "2", "--chunk-rows", "37", "--window-rows", "100"],
-                               ["--workers", "1", "--max-batch-tokens", "1024", "--max-batch-size", "7"]]):
+    for i, extra in enumerate([["--workers", "0"], ["--workers", "2"],
+                               ["--workers", "1", "--chunk-rows", "37", "--window-rows", "100",
+                                "--max-batch-tokens", "1024", "--max-batch-size", "7"]]):
         out = tmp_path / f"out{i}"
         assert main(["run", str(small_sample), "--model", str(tiny_cross_dir), "--out", str(out),
                      "--no-progress", *extra]) == 0
         outs.append(out)
     base_pred = (outs[0] / "predictions.tsv").read_text()
-    assert (outs[1] / "predictions.tsv").read_text() == base_pred  # same batches per window -> identical
+    for name in ("predictions.tsv", "ranked.tsv", "run.trec", "rejects.tsv"):  # worker count: byte-identical
+        assert (outs[1] / name).read_bytes() == (outs[0] / name).read_bytes()
     s0 = np.array([float(l.split("\t")[2]) for l in base_pred.splitlines()])
     for out in outs[1:]:
         s = np.array([float(l.split("\t")[2]) for l in (out / "predictions.tsv").read_text().splitlines()])
