@@ -128,16 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     _convert_parser(sub)
     args = parser.parse_args(argv)
     from pipeline.convert import ConversionError
-    from pipeline.runner import RunError
+    from pipeline.runner import Interrupted, RunError
+    from pipeline.writer import ResumeError
 
     try:
         return {"run": _run, "convert": _convert}[args.command](args)
-    except (InputError, ConfigError, ModelDirError, ConversionError, RunError) as e:
+    except Interrupted:
+        print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
+              f"run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (InputError, ConfigError, ModelDirError, ConversionError, RunError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output was committed", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

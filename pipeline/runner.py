@@ -418,6 +418,9 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
                 continue
             if item is _END:
                 break
+            if isinstance(item, BrokenProcessPool):
+                raise RunError("a tokenizer worker process died (killed or out of memory); committed work "
+                               "is kept: rerun with --resume") from item
             if isinstance(item, BaseException):
                 raise item
             window.append(item)
