@@ -439,3 +439,30 @@ def ranking_metrics(
         queries_without_relevant=int(n_groups - has_relevant.sum()),
         k=k,
     )
+
+
+def combine_metrics(parts: list[RankingMetrics]) -> RankingMetrics:
+    """Metrics over disjoint sets of queries combined into the metrics of their union (so the
+    ranking can be computed bucket by bucket): means weighted by the queries they average over,
+    pair counts summed."""
+    parts = [p for p in parts if p.queries]
+    if not parts:
+        return RankingMetrics(None, None, None, 0, 0, 0, 0, 0)
+    k = parts[0].k
+    assert all(p.k == k for p in parts), "cannot combine metrics of different cut-offs"
+    queries = sum(p.queries for p in parts)
+    with_rel = [(p.queries - p.queries_without_relevant, p.ndcg_at_10) for p in parts]
+    n_rel = sum(n for n, _ in with_rel)
+    correct = sum(p.pairs_correct for p in parts)
+    wrong = sum(p.pairs_wrong for p in parts)
+    return RankingMetrics(
+        mrr_at_10=sum(p.mrr_at_10 * p.queries for p in parts) / queries,
+        ndcg_at_10=sum(n * v for n, v in with_rel if n) / n_rel if n_rel else None,
+        pnr=correct / wrong if wrong > 0 else None,
+        pairs_correct=correct,
+        pairs_wrong=wrong,
+        pairs_tied=sum(p.pairs_tied for p in parts),
+        queries=queries,
+        queries_without_relevant=queries - n_rel,
+        k=k,
+    )

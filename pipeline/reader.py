@@ -512,18 +512,65 @@ def _label(value: Any, name: str) -> float:
 # ----------------------------------------------------------------------------- chunks
 
 
+class SeenPairs:
+    """First occurrence of every (qid, doc_id) pair in 16 bytes a pair.
+
+    A dict of the pairs themselves costs over 100 bytes a pair, which would make a run's memory
+    grow with its input. Here a pair is its 64-bit hash (`hash` of "qid NUL doc_id"; a run reads
+    in one process, so the per-process hash seed is fixed for the whole run) with its location,
+    kept in sorted numpy arrays, plus a small dict of recent pairs merged in now and then. Two
+    different pairs share a hash with probability about n^2 / 2^65 (3e-6 for ten million pairs);
+    the reject reason then still names the first location, so such a case can be checked.
+    """
+
+    RECENT_LIMIT = 1 << 16
+
+    def __init__(self) -> None:
+        self._keys = np.empty(0, dtype=np.int64)
+        self._where = np.empty(0, dtype=np.int64)
+        self._recent: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
+
+    def first_seen(self, keys: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """For each key in order: -1 if it is new (and remember it at `where`), else where it
+        was first seen."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        new = np.ones(len(keys), dtype=bool)
+        if len(self._keys) and len(keys):
+            idx = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            hit = self._keys[idx] == keys
+            out[hit] = self._where[idx[hit]]
+            new = ~hit
+        recent = self._recent
+        for i in np.flatnonzero(new).tolist():
+            w = int(where[i])
+            first = recent.setdefault(int(keys[i]), w)
+            if first != w:
+                out[i] = first
+        if len(recent) >= self.RECENT_LIMIT:
+            self._merge()
+        return out
+
+    def _merge(self) -> None:
+        keys = np.concatenate([self._keys, np.fromiter(self._recent.keys(), np.int64, len(self._recent))])
+        where = np.concatenate([self._where, np.fromiter(self._recent.values(), np.int64, len(self._recent))])
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._where = keys[order], where[order]
+        self._recent = {}
+
+
 class _Validator:
     """Turns one file's records, a batch at a time, into chunks of accepted rows and rejects."""
 
-    def __init__(self, files: list[str], index: int, first_row: int, seen: dict[str, int], columns: ColumnMap,
+    def __init__(self, files: list[str], index: int, first_row: int, seen: SeenPairs, columns: ColumnMap,
                  pretokenized: bool, labelled: bool, has_label: bool, count: FileCount):
         self.files = files
         self.index = index
         self.file = files[index]
         self.next_row = first_row
-        # First accepted occurrence of each pair: "qid NUL doc_id" -> line * len(files) + file index.
-        # Plain str keys and int values are never tracked by the garbage collector, which would
-        # otherwise rescan millions of entries (NUL cannot occur in an accepted id).
+        # First accepted occurrence of each pair, as line * len(files) + file index.
         self.seen = seen
         self.columns = columns
         self.pretokenized = pretokenized
@@ -543,6 +590,7 @@ class _Validator:
         seconds: list = []  # doc texts or token_type_ids
         labels: list[float] = []
         rejects: list[Reject] = []
+        keys: list[int] = []
         row = self.next_row - 1
         for line, record in records:
             row += 1
@@ -569,12 +617,8 @@ class _Validator:
                     first = _text(first, c.query)
                     second = _text(second, c.doc)
                 y = _label(label, c.label) if labelled else math.nan
-                here = line * n_files + index
-                first_seen = seen.setdefault(f"{q}\x00{d}", here)
-                if first_seen != here:
-                    seen_line, seen_file = divmod(first_seen, n_files)
-                    raise _RowError(f"duplicate (qid, doc_id) = ({q!r}, {d!r}), "
-                                    f"first seen at {self.files[seen_file]}:{seen_line}")
+                # (NUL cannot occur in an accepted id, so the joined string is unambiguous.)
+                keys.append(hash(f"{q}\x00{d}"))
             except _RowError as e:
                 rejects.append(Reject(file, line, row, e.reason, q, d))
                 continue
@@ -586,6 +630,19 @@ class _Validator:
             seconds.append(second)
             labels.append(y)
         self.next_row = row + 1
+        if rows:
+            first = seen.first_seen(np.array(keys, dtype=np.int64), np.array(lines, dtype=np.int64) * n_files + index)
+            dup = np.flatnonzero(first >= 0)
+            if len(dup):
+                for i in dup.tolist():
+                    seen_line, seen_file = divmod(int(first[i]), n_files)
+                    rejects.append(Reject(file, lines[i], rows[i],
+                                          f"duplicate (qid, doc_id) = ({qids[i]!r}, {doc_ids[i]!r}), "
+                                          f"first seen at {self.files[seen_file]}:{seen_line}", qids[i], doc_ids[i]))
+                rejects.sort(key=lambda r: r.row)
+                keep = (first < 0).tolist()
+                rows, lines, qids, doc_ids, firsts, seconds, labels = (
+                    [x for x, k in zip(col, keep) if k] for col in (rows, lines, qids, doc_ids, firsts, seconds, labels))
         self.count.rows_read += len(records)
         self.count.rows_rejected += len(rejects)
         if not rows:
@@ -672,7 +729,7 @@ class DatasetReader:
         chunk holds the batch's accepted rows, None when all of them were rejected. A batch never
         spans two files. Each call reads the dataset from the start (row indices, duplicates and
         counts start afresh)."""
-        seen: dict[str, int] = {}
+        seen = SeenPairs()
         names = [str(p) for p in self.files]
         for name in names:
             self.counts[name] = FileCount(name)

@@ -31,7 +31,6 @@ from pipeline import __version__
 from pipeline.batching import pad_batch, plan_batches
 from pipeline.config import ConfigError, RunConfig, Settings, check_writable, resolve
 from pipeline.modeldir import ModelInfo, TokenizerSettings
-from pipeline.ranking import rank_per_query, ranking_metrics
 from pipeline.reader import Chunk, DatasetReader, InputError, Reject
 from pipeline.tokenizer import Encoded, WordPieceTokenizer, fit_pretokenized
 from pipeline.writer import FILES, RunStore
@@ -451,22 +450,12 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
 def _finish(store, cfg, model, settings, reader, tally, files, started_at, startup_seconds, started) -> dict:
     """Rank everything committed and write the final files."""
     t0 = time.perf_counter()
-    scored = store.load_scored()
-    qid = scored["qid"].to_numpy(object)
-    doc = scored["doc_id"].to_numpy(object)
-    label = scored["label"].to_numpy(np.float64)
-    score = scored["score"].to_numpy(np.float64)
-    order, rank = rank_per_query(qid, doc, score)
-    metrics = None
-    if reader.has_label and len(label) and not np.all(np.isnan(label)):
-        metrics = ranking_metrics(qid, doc, label, score).to_dict()
-    rank_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = _report(model, settings, reader, tally, files, metrics, started_at, startup_seconds, rank_seconds,
-                     store, started)
-    store.write_outputs(scored, order, rank, settings.run_tag, report)
+    metrics = store.write_outputs(settings.run_tag, reader.has_label)
+    tally.write_seconds += time.perf_counter() - t0 - store.rank_seconds
+    report = _report(model, settings, reader, tally, files, metrics.to_dict() if metrics else None, started_at,
+                     startup_seconds, store, started)
+    store.write_report(report)
     store.publish()
-    report["seconds"]["write"] += time.perf_counter() - t0  # (the files already hold the report)
     return report
 
 
@@ -483,7 +472,7 @@ def _row_failures(item: Item, res: TokenizeResult) -> dict[int, str]:
     return out
 
 
-def _report(model, settings, reader, tally, files, metrics, started_at, startup_s, rank_s, store, started) -> dict:
+def _report(model, settings, reader, tally, files, metrics, started_at, startup_s, store, started) -> dict:
     per_file = []
     for f in files:
         name = str(f)
@@ -515,7 +504,7 @@ def _report(model, settings, reader, tally, files, metrics, started_at, startup_
             "tokenize": tally.tokenize_seconds,
             "tokenize_wait": tally.tokenize_wait_seconds,
             "infer": tally.infer_seconds,
-            "rank": rank_s,
+            "rank": store.rank_seconds,
             "write": tally.write_seconds,
             "total": total_s,
         },

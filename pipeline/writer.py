@@ -25,12 +25,14 @@ import json
 import math
 import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline.ranking import RankingMetrics, combine_metrics, rank_per_query, ranking_metrics
 from pipeline.reader import Reject
 
 PARTIAL = ".partial"
@@ -38,6 +40,7 @@ MANIFEST = "manifest.json"
 FILES = ("predictions.tsv", "rejects.tsv", "ranked.tsv", "run.trec", "report.json", "submission.zip")
 REJECT_COLUMNS = ["file", "line", "row", "qid", "doc_id", "reason"]
 PART_COLUMNS = ["row", "file", "line", "qid", "doc_id", "label", "score"]
+QUERIES_PER_BUCKET = 4096
 
 
 class ResumeError(Exception):
@@ -143,45 +146,82 @@ class RunStore:
                              rows_committed=self.manifest["rows_committed"] + len(scored["row"]) + len(rejects))
         _write_atomic(self.partial / MANIFEST, json.dumps(self.manifest, indent=1))
 
-    def load_scored(self) -> pd.DataFrame:
-        parts = [_read_tsv(self.partial / f"part-{w:06d}.tsv",
-                           {"qid": str, "doc_id": str, "row": np.int64, "file": np.int32, "line": np.int64})
-                 for w in range(self.windows)]
-        if not parts:
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-                PART_COLUMNS, [np.int64, np.int32, np.int64, object, object, np.float64, np.float64])})
-        return pd.concat(parts, ignore_index=True)
+    def write_outputs(self, tag: str, labelled: bool) -> RankingMetrics | None:
+        """Build predictions, rankings and rejects from the committed windows, streaming.
 
-    def write_outputs(self, scored: pd.DataFrame, order: np.ndarray, rank: np.ndarray, tag: str,
-                      report: dict) -> None:
-        """All final files into .partial/ (then `publish` moves them into OUT)."""
+        Memory stays flat in the number of rows: parts are read one at a time; for the ranking,
+        rows are spread over bucket files by query (QUERIES_PER_BUCKET queries each, in order of
+        first appearance) and each bucket is ranked on its own. What grows is only the
+        per-query state: the map from qid to its order of first appearance."""
         p = self.partial
-        qid = scored["qid"].to_numpy(object)
-        doc = scored["doc_id"].to_numpy(object)
-        label = scored["label"].to_numpy(np.float64)
-        score = scored["score"].to_numpy(np.float64)
-        with open(p / "predictions.tsv", "w", encoding="utf-8", newline="\n") as f:
-            for start in range(0, len(qid), 65536):
-                sl = slice(start, start + 65536)
-                f.write("".join(f"{q}\t{format_label(y)}\t{format_score(s)}\n"
-                                for q, y, s in zip(qid[sl], label[sl], score[sl])))
+        buckets_dir = p / "buckets"
+        buckets_dir.mkdir(exist_ok=True)
+        code_of: dict[str, int] = {}
+        bucket_files: dict[int, object] = {}
+        with open(p / "predictions.tsv", "w", encoding="utf-8", newline="\n") as pred:
+            for w in range(self.windows):
+                part = _read_tsv(p / f"part-{w:06d}.tsv", {"qid": str, "doc_id": str})
+                qid = part["qid"].tolist()
+                label = part["label"].to_numpy(np.float64)
+                score = part["score"].to_numpy(np.float64)
+                pred.write("".join(f"{q}\t{format_label(y)}\t{format_score(s)}\n"
+                                   for q, y, s in zip(qid, label, score)))
+                codes = np.fromiter((code_of.setdefault(q, len(code_of)) for q in qid), np.int64, len(qid))
+                bucket = codes // QUERIES_PER_BUCKET
+                part.insert(0, "code", codes)
+                for b in np.unique(bucket):
+                    f = bucket_files.get(int(b))
+                    if f is None:
+                        f = bucket_files[int(b)] = open(buckets_dir / f"{int(b):06d}.tsv", "w", encoding="utf-8",
+                                                        newline="\n")
+                        f.write("code\tdoc_id\tlabel\tscore\n")
+                    sel = part[bucket == b]
+                    f.write("".join(f"{c}\t{d}\t{format_label(y)}\t{format_score(s)}\n" for c, d, y, s in zip(
+                        sel["code"].tolist(), sel["doc_id"].tolist(), sel["label"].tolist(), sel["score"].tolist())))
+        for f in bucket_files.values():
+            f.close()
+        qids = list(code_of)
+        del code_of
+        metrics = []
+        self.rank_seconds = 0.0
         with open(p / "ranked.tsv", "w", encoding="utf-8", newline="\n") as ranked, \
                 open(p / "run.trec", "w", encoding="utf-8", newline="\n") as trec:
             ranked.write("qid\tdoc_id\trank\tscore\n")
-            for start in range(0, len(order), 65536):
-                rows = [(qid[i], doc[i], rank[i], format_score(score[i])) for i in order[start:start + 65536]]
-                ranked.write("".join(f"{q}\t{d}\t{r}\t{s}\n" for q, d, r, s in rows))
+            for b in sorted(bucket_files):
+                rows = _read_tsv(buckets_dir / f"{b:06d}.tsv", {"doc_id": str, "code": np.int64})
+                code = rows["code"].to_numpy()
+                # Codes follow first appearance, so sorting by code keeps rank_per_query's
+                # "qids in order of first appearance" across buckets.
+                first = np.argsort(code, kind="stable")
+                qid = np.array(qids, dtype=object)[code[first]]
+                doc = rows["doc_id"].to_numpy(object)[first]
+                label = rows["label"].to_numpy(np.float64)[first]
+                score = rows["score"].to_numpy(np.float64)[first]
+                t0 = time.perf_counter()
+                order, rank = rank_per_query(qid, doc, score)
+                self.rank_seconds += time.perf_counter() - t0
+                out = [(qid[i], doc[i], rank[i], format_score(score[i])) for i in order]
+                ranked.write("".join(f"{q}\t{d}\t{r}\t{s}\n" for q, d, r, s in out))
                 # TREC fields are space-separated: spaces inside ids would shift columns.
                 trec.write("".join(f"{q.replace(' ', '_')} Q0 {d.replace(' ', '_')} {r} {s} {tag}\n"
-                                   for q, d, r, s in rows))
-        rejects = [_read_tsv(p / f"rejects-{w:06d}.tsv", {c: str for c in REJECT_COLUMNS})
-                   for w in range(self.windows)]
-        with open(p / "rejects.tsv", "w", encoding="utf-8", newline="\n") as f:
-            f.write("\t".join(REJECT_COLUMNS) + "\n")
-            if rejects:
-                allr = pd.concat(rejects, ignore_index=True)
-                allr = allr.iloc[np.argsort(allr["row"].astype(np.int64).to_numpy(), kind="stable")]
-                f.write("".join("\t".join(r) + "\n" for r in allr.itertuples(index=False, name=None)))
+                                   for q, d, r, s in out))
+                if labelled and not np.all(np.isnan(label)):
+                    t0 = time.perf_counter()
+                    metrics.append(ranking_metrics(qid, doc, label, score))
+                    self.rank_seconds += time.perf_counter() - t0
+        shutil.rmtree(buckets_dir)
+        # Windows cover consecutive rows and each rejects file is sorted, so concatenation is
+        # already in input order.
+        with open(p / "rejects.tsv", "w", encoding="utf-8", newline="\n") as out:
+            out.write("\t".join(REJECT_COLUMNS) + "\n")
+            for w in range(self.windows):
+                with open(p / f"rejects-{w:06d}.tsv", encoding="utf-8") as f:
+                    next(f)
+                    shutil.copyfileobj(f, out)
+        return combine_metrics(metrics) if metrics else None
+
+    def write_report(self, report: dict) -> None:
+        p = self.partial
         (p / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         with zipfile.ZipFile(p / "submission.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.write(p / "predictions.tsv", "predictions.tsv")

@@ -371,3 +371,24 @@ def test_many_queries_scale() -> None:
     assert m.queries == n_q
     assert m.pairs_correct + m.pairs_wrong + m.pairs_tied > 0
     assert 0.8 < m.pnr < 1.25  # random scores: about as many right as wrong
+
+
+def test_combine_metrics_equals_metrics_of_the_union() -> None:
+    from pipeline.ranking import combine_metrics
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    qid = np.array([f"q{i}" for i in rng.integers(0, 150, n)], dtype=object)
+    doc = np.array([f"d{i}" for i in range(n)], dtype=object)
+    label = rng.integers(0, 3, n).astype(float)
+    label[rng.random(n) < 0.3] = 0  # more queries without a relevant doc
+    score = np.round(rng.random(n), 2)  # ties
+    whole = ranking_metrics(qid, doc, label, score)
+    bucket = np.array([int(q[1:]) % 4 for q in qid])
+    parts = [ranking_metrics(qid[bucket == b], doc[bucket == b], label[bucket == b], score[bucket == b])
+             for b in range(4)]
+    combined = combine_metrics(parts)
+    for field in ("pairs_correct", "pairs_wrong", "pairs_tied", "queries", "queries_without_relevant"):
+        assert getattr(combined, field) == getattr(whole, field)
+    for field in ("mrr_at_10", "ndcg_at_10", "pnr"):
+        assert abs(getattr(combined, field) - getattr(whole, field)) < 1e-12

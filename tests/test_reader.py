@@ -614,3 +614,23 @@ def test_arbitrary_lines_are_accepted_or_rejected_never_crash(fmt, lines, chunk_
     assert len({(r["qid"], r["doc_id"]) for r in rows}) == len(rows)
     lines_seen = sorted([r["line"] for r in rows] + [r.line for r in rejects])
     assert len(set(lines_seen)) == len(lines_seen) and all(1 <= n <= data.count(b"\n") + 1 for n in lines_seen)
+
+
+def test_seen_pairs_finds_first_occurrences_across_merges(monkeypatch):
+    import numpy as np
+
+    from pipeline.reader import SeenPairs
+
+    monkeypatch.setattr(SeenPairs, "RECENT_LIMIT", 7)
+    rng = np.random.default_rng(0)
+    seen, reference = SeenPairs(), {}
+    for batch in range(40):
+        keys = rng.integers(0, 300, 13).astype(np.int64)
+        where = np.arange(batch * 13, batch * 13 + 13, dtype=np.int64)
+        got = seen.first_seen(keys, where)
+        want = []
+        for k, w in zip(keys.tolist(), where.tolist()):
+            first = reference.setdefault(k, w)
+            want.append(-1 if first == w else first)
+        assert got.tolist() == want
+    assert len(seen) == len(reference)

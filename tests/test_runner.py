@@ -162,3 +162,20 @@ def test_impossible_settings_are_refused_at_startup(tiny_cross_dir, small_sample
         run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, max_seq_len=10_000, max_batch_tokens=20_000), info)
     with pytest.raises(ConfigError, match="converted for"):
         run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, mode="bi"), info)
+
+
+def test_bucketed_ranking_equals_one_bucket(small_sample, tiny_cross_dir, tmp_path, monkeypatch):
+    """The final ranking is computed bucket by bucket (bounded memory); bucket size must not matter."""
+    import pipeline.writer
+
+    outs = []
+    for per_bucket in (4096, 2):
+        monkeypatch.setattr(pipeline.writer, "QUERIES_PER_BUCKET", per_bucket)
+        out = tmp_path / f"b{per_bucket}"
+        assert main(["run", str(small_sample), "--model", str(tiny_cross_dir), "--out", str(out),
+                     "--no-progress", "--workers", "0"]) == 0
+        outs.append(out)
+    for name in ("ranked.tsv", "run.trec", "predictions.tsv"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+    m0, m1 = (json.loads((o / "report.json").read_text())["metrics"] for o in outs)
+    assert m0.keys() == m1.keys() and all(abs((m0[k] or 0) - (m1[k] or 0)) < 1e-12 for k in m0)
