@@ -45,9 +45,14 @@ def _run_parser(sub) -> None:
     d = RunConfig()
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per batch")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="sequences per batch")
-    p.add_argument("--pad-multiple", type=int, default=d.pad_multiple,
-                   help="round each batch's length up to a multiple of this: fewer distinct shapes for the "
-                        "predictor to prepare, a little more padding")
+    p.add_argument("--pad-multiple", type=int, default=None,
+                   help="round each batch's length up to a multiple of this (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default=d.device,
+                   help="gpu needs requirements-gpu.txt (paddlepaddle-gpu); not verified on this project's machines")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default=d.precision, help="fp16: GPU only")
+    p.add_argument("--tensorrt", action="store_true", help="GPU: run subgraphs in TensorRT (dynamic shapes)")
+    p.add_argument("--trt-varlen", action="store_true",
+                   help="GPU + TensorRT + fp16: Paddle's variable-length ERNIE kernels (no padding computed)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: core count; 0: in-process)")
     p.add_argument("--threads", type=int, default=None, help="predictor threads (default: core count)")
     p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows read and tokenized per task")
@@ -80,7 +85,8 @@ def _run(args) -> int:
     cfg = RunConfig(
         inputs=tuple(args.inputs), model=args.model, out_dir=args.out, mode=args.mode, max_seq_len=args.max_seq_len,
         columns=ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__}),
-        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, workers=args.workers,
+        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, device=args.device, precision=args.precision,
+        tensorrt=args.tensorrt, trt_varlen=args.trt_varlen, workers=args.workers,
         threads=args.threads, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
         progress=args.progress, run_tag=args.run_tag, resume=args.resume, restart=args.restart,
     )

@@ -81,3 +81,22 @@ def pad_batch(enc: Encoded, batch: Batch, pad_id: int) -> tuple[np.ndarray, np.n
     types[valid] = enc.types.flat[src]
     mask[valid] = 1.0
     return ids, types, mask
+
+
+def flatten_batch(enc: Encoded, batch: Batch) -> dict[str, np.ndarray]:
+    """Variable-length form of a batch, for kernels that compute no padding (TensorRT's
+    variable-length ERNIE): the batch's sequences back to back, with cumulative offsets.
+
+    input_ids / token_type_ids: int32 [total tokens]; cu_seqlens: int32 [B + 1], sequence i is
+    flat[cu_seqlens[i]:cu_seqlens[i+1]]; max_seqlen: int32 [1], the longest sequence."""
+    starts = enc.ids.offsets[batch.rows]
+    lens = enc.ids.offsets[batch.rows + 1] - starts
+    src = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)]) if len(lens) else np.zeros(0, np.int64)
+    cu = np.zeros(len(lens) + 1, dtype=np.int32)
+    np.cumsum(lens, out=cu[1:])
+    return {
+        "input_ids": enc.ids.flat[src].astype(np.int32),
+        "token_type_ids": enc.types.flat[src].astype(np.int32),
+        "cu_seqlens": cu,
+        "max_seqlen": np.array([lens.max() if len(lens) else 0], dtype=np.int32),
+    }

@@ -63,7 +63,11 @@ class RunConfig:
     max_seq_len: int | None = None  # None: the model's
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
-    pad_multiple: int = 1  # batch lengths rounded up to a multiple of this (see README "Speed")
+    pad_multiple: int | None = None  # batch lengths rounded up to a multiple; None: 1 on CPU, 8 on GPU
+    device: str = "cpu"  # 'cpu' | 'gpu'
+    precision: str = "fp32"  # 'fp32' | 'fp16' (GPU)
+    tensorrt: bool = False  # GPU: TensorRT subgraphs
+    trt_varlen: bool = False  # GPU + TensorRT fp16: variable-length ERNIE kernels
     workers: int | None = None  # tokenizer processes; None: the core count; 0: in-process
     threads: int | None = None  # predictor threads; None: the core count
     chunk_rows: int = 2048
@@ -83,6 +87,10 @@ class Settings:
     max_batch_tokens: int
     max_batch_size: int
     pad_multiple: int
+    device: str
+    precision: str
+    tensorrt: bool
+    trt_varlen: bool
     workers: int
     threads: int
     chunk_rows: int
@@ -104,18 +112,30 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
             f"--mode {mode} does not match the model {info.path}, which was converted for "
             f"'{info.mode}' scoring (convert again with --mode {mode})"
         )
+    if cfg.device not in ("cpu", "gpu") or cfg.precision not in ("fp32", "fp16"):
+        raise ConfigError(f"--device must be cpu or gpu and --precision fp32 or fp16 (got {cfg.device}, {cfg.precision})")
+    if cfg.precision == "fp16" and cfg.device != "gpu":
+        raise ConfigError("--precision fp16 needs --device gpu: this CPU has no fp16 arithmetic and Paddle "
+                          "registers no fp16 CPU kernels")
+    if cfg.tensorrt and cfg.device != "gpu":
+        raise ConfigError("--tensorrt needs --device gpu")
+    if cfg.trt_varlen and not (cfg.tensorrt and cfg.precision == "fp16"):
+        raise ConfigError("--trt-varlen needs --tensorrt and --precision fp16 (Paddle's variable-length "
+                          "ERNIE plugins exist only in half precision or int8)")
+    # Tensor cores want sequence lengths in multiples of 8; on the CPU every padded token costs.
+    pad_multiple = cfg.pad_multiple if cfg.pad_multiple is not None else (8 if cfg.device == "gpu" else 1)
     max_seq_len = cfg.max_seq_len or info.max_seq_len
     if not 3 <= max_seq_len <= info.max_position_embeddings:
         raise ConfigError(
             f"--max-seq-len {max_seq_len} must be between 3 and the model's "
             f"{info.max_position_embeddings} position embeddings"
         )
-    if -(-max_seq_len // cfg.pad_multiple) * cfg.pad_multiple > cfg.max_batch_tokens:
+    if -(-max_seq_len // pad_multiple) * pad_multiple > cfg.max_batch_tokens:
         raise ConfigError(
             f"--max-seq-len {max_seq_len} is larger than --max-batch-tokens {cfg.max_batch_tokens}: "
             f"a longest sequence could never be batched; raise the budget or lower the length"
         )
-    for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--pad-multiple", cfg.pad_multiple, 1),
+    for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--pad-multiple", pad_multiple, 1),
                              ("--chunk-rows", cfg.chunk_rows, 1),
                              ("--window-rows", cfg.window_rows, 1)):
         if value < low:
@@ -131,7 +151,8 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     return Settings(
         mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
-        max_batch_size=cfg.max_batch_size, pad_multiple=cfg.pad_multiple, workers=workers, threads=threads, chunk_rows=cfg.chunk_rows,
+        max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=cfg.precision,
+        tensorrt=cfg.tensorrt, trt_varlen=cfg.trt_varlen, workers=workers, threads=threads, chunk_rows=cfg.chunk_rows,
         window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress, run_tag=cfg.run_tag,
     )
 

@@ -47,9 +47,15 @@ class Backend(Protocol):
 
 
 def create_backend(info: ModelInfo, settings: Settings) -> Backend:
-    from pipeline.predictor import PaddlePredictor, PredictorSettings
+    from pipeline.predictor import GpuUnavailable, PaddlePredictor, PredictorSettings
 
-    return PaddlePredictor(info, PredictorSettings(threads=settings.threads))
+    try:
+        return PaddlePredictor(info, PredictorSettings(
+            threads=settings.threads, device=settings.device, precision=settings.precision,
+            tensorrt=settings.tensorrt, trt_varlen=settings.trt_varlen,
+            trt_max_seq_len=settings.max_seq_len, trt_max_batch=settings.max_batch_size))
+    except GpuUnavailable as e:
+        raise ConfigError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- tokenizer workers

@@ -56,7 +56,7 @@ def test_default_settings_pad_the_sample_under_5_percent(minilm_src):
     texts = list(dict.fromkeys([r["query"] for r in rows] + [r["doc"] for r in rows]))
     lengths = tok.encode_single(texts, 256).lengths
     d = RunConfig()
-    batches = plan_batches(lengths, d.max_batch_tokens, d.max_batch_size, d.pad_multiple)
+    batches = plan_batches(lengths, d.max_batch_tokens, d.max_batch_size, 1)  # the CPU default multiple
     overhead = sum(b.padded_tokens for b in batches) / lengths.sum() - 1
     assert 0 <= overhead < 0.05
 
@@ -83,3 +83,24 @@ def test_pad_batch_places_tokens_and_mask():
     assert t.tolist() == [[0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
     assert m.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
     assert x.dtype == np.int64 and m.dtype == np.float32
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 999), min_size=1, max_size=20), min_size=1, max_size=30))
+def test_flattened_batch_matches_padded(seqs):
+    from pipeline.batching import flatten_batch
+
+    ids = Ragged.from_lists(seqs)
+    types = Ragged.from_lists([[i % 2 for i in range(len(s))] for s in seqs])
+    enc = Encoded(ids, types)
+    for batch in plan_batches(enc.lengths, 64, 7, 8):
+        padded_ids, padded_types, mask = pad_batch(enc, batch, pad_id=0)
+        flat = flatten_batch(enc, batch)
+        cu = flat["cu_seqlens"]
+        assert cu[0] == 0 and cu[-1] == len(flat["input_ids"]) == int(mask.sum())
+        assert np.array_equal(np.diff(cu), mask.sum(1).astype(np.int32))
+        assert flat["max_seqlen"][0] == mask.sum(1).max()
+        for i in range(len(batch.rows)):
+            n = cu[i + 1] - cu[i]
+            assert np.array_equal(flat["input_ids"][cu[i]:cu[i + 1]], padded_ids[i, :n])
+            assert np.array_equal(flat["token_type_ids"][cu[i]:cu[i + 1]], padded_types[i, :n])

@@ -162,6 +162,20 @@ def test_impossible_settings_are_refused_at_startup(tiny_cross_dir, small_sample
         run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, max_seq_len=10_000, max_batch_tokens=20_000), info)
     with pytest.raises(ConfigError, match="converted for"):
         run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, mode="bi"), info)
+    with pytest.raises(ConfigError, match="needs --device gpu"):
+        run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, precision="fp16"), info)
+    with pytest.raises(ConfigError, match="--tensorrt and --precision fp16"):
+        run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, device="gpu", trt_varlen=True), info)
+
+
+def test_gpu_asked_on_a_cpu_install_fails_with_what_is_missing(tiny_cross_dir, small_sample, tmp_path, capsys):
+    from pipeline.predictor import gpu_available
+
+    if gpu_available():
+        pytest.skip("this machine has a GPU build")
+    assert main(["run", str(small_sample), "--model", str(tiny_cross_dir), "--out", str(tmp_path / "o"),
+                 "--device", "gpu", "--no-progress"]) == 2
+    assert "requirements-gpu.txt" in capsys.readouterr().err
 
 
 def test_bucketed_ranking_equals_one_bucket(small_sample, tiny_cross_dir, tmp_path, monkeypatch):
