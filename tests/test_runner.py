@@ -193,3 +193,47 @@ def test_bucketed_ranking_equals_one_bucket(small_sample, tiny_cross_dir, tmp_pa
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     m0, m1 = (json.loads((o / "report.json").read_text())["metrics"] for o in outs)
     assert m0.keys() == m1.keys() and all(abs((m0[k] or 0) - (m1[k] or 0)) < 1e-12 for k in m0)
+
+
+def test_megabyte_text_is_truncated_not_batched_whole(tiny_cross_dir, tmp_path):
+    rows = _sample_rows(1)[:3]
+    rows[1]["doc"] = "lorem ipsum " * 90_000  # ~1 MB
+    data = _write_tsv(tmp_path / "big.tsv", rows)
+    out = tmp_path / "out"
+    assert main(["run", str(data), "--model", str(tiny_cross_dir), "--out", str(out), "--no-progress",
+                 "--workers", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"]["scored"] == 3
+    info = load_model_info(tiny_cross_dir)
+    assert report["tokens"]["real"] <= 3 * info.max_seq_len
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60),
+    st.sampled_from(["q1\tquery\td1\tdoc\t1", "q1\tquery\td1\tdoc\t1", "q2\t\td\tx\t0", "q3\tq\td3\tdoc\tabc",
+                     "q4\t\"quoted\ttext\td4\tdoc\t2", "\x00\t\x00\t\x00\t\x00\t\x00", "a\tb", ""]),
+), max_size=25), st.sampled_from(["tsv", "jsonl"]))
+def test_hostile_input_never_crashes_and_counts_add_up(tiny_cross_dir, tmp_path_factory, lines, fmt):
+    folder = tmp_path_factory.mktemp("hostile")
+    if fmt == "tsv":
+        data = folder / "in.tsv"
+        data.write_text("qid\tquery\tdoc_id\tdoc\tlabel\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        data = folder / "in.jsonl"
+        good = json.dumps({"qid": "q0", "query": "first", "doc_id": "d0", "doc": "row", "label": 1})
+        data.write_text("\n".join([good] + [l.replace("\t", " ") for l in lines]) + "\n", encoding="utf-8")
+    out = folder / "out"
+    rc = main(["run", str(data), "--model", str(tiny_cross_dir), "--out", str(out), "--no-progress", "--workers", "0"])
+    assert rc in (0, 2)
+    if rc == 0:
+        r = json.loads((out / "report.json").read_text())
+        assert r["rows"]["read"] == r["rows"]["scored"] + r["rows"]["rejected"]
+        rejects = (out / "rejects.tsv").read_text(encoding="utf-8").splitlines()
+        assert len(rejects) - 1 == r["rows"]["rejected"]
+        assert len((out / "predictions.tsv").read_text(encoding="utf-8").splitlines()) == r["rows"]["scored"]
+    else:
+        assert not (out / "report.json").exists()
