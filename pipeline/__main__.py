@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline run ...` and `python -m pipeline convert SRC DST`.
+"""Command line: `python -m pipeline run ...`, `python -m pipeline convert SRC DST` and
+`python -m pipeline prune-vocab MODEL_DIR --data FILES... --out PRUNED_DIR`.
 
 Arguments are turned into a typed `RunConfig` once, here; nothing downstream sees argparse.
 """
@@ -79,6 +80,28 @@ def _convert_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite DST")
 
 
+def _prune_parser(sub) -> None:
+    p = sub.add_parser(
+        "prune-vocab", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="runtime model -> copy whose word-embedding table keeps only the tokens some data uses",
+        description="Tokenize --data with the model's full tokenizer and write a model whose embedding table "
+                    "holds only the ids that occur (plus the special tokens). Scores on that data are unchanged; "
+                    "run it with `run --model PRUNED_DIR`. Tokens outside the kept set become [UNK] and are "
+                    "counted in report.json.")
+    p.add_argument("model_dir", type=Path, help="runtime model directory (from `convert`)")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="files or folders the model will score (same formats and columns as `run`)")
+    p.add_argument("--out", type=Path, required=True, help="the pruned runtime model directory to write")
+    p.add_argument("--keep-top", type=int, default=0,
+                   help="also keep the first N ids of vocab.txt, for data that comes later (WordPiece vocabs "
+                        "are roughly ordered by frequency; vocab.txt holds no counts)")
+    p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-pruned)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    for field in ("qid", "query", "doc_id", "doc", "label", "input_ids", "token_type_ids"):
+        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
+                       help=f"input column holding {field}")
+
+
 def _run(args) -> int:
     from pipeline.runner import run
 
@@ -93,6 +116,11 @@ def _run(args) -> int:
     info = load_model_info(cfg.model) if cfg.model else default_model()
     report = run(cfg, info)
     print(format_summary(report, cfg.out_dir))
+    unknown = report["tokens"].get("unknown_tokens", 0)
+    if unknown:
+        print(f"warning: {unknown} tokens are outside the pruned vocabulary of {info.path} and were scored as "
+              f"[UNK], so these scores can differ from the full model's; prune again on this data "
+              f"(or with --keep-top) to avoid it", file=sys.stderr)
     return 0
 
 
@@ -102,7 +130,9 @@ def format_summary(report: dict, out_dir: Path) -> str:
         f"model      {report['model']['name']} ({report['model']['mode']}, {report['model']['precision']})",
         f"rows       read {r['read']}  scored {r['scored']}  rejected {r['rejected']}",
         f"tokens     {t['real']} real, {t['padded']} padded (+{100 * t['padding_overhead']:.1f}%), "
-        f"{t['batches']} batches",
+        f"{t['batches']} batches"
+        + (f", {t.get('unknown_tokens', 0)} outside the pruned vocab ([UNK])"
+           if report["model"].get("pruned_ids_kept") else ""),
         "seconds    " + "  ".join(f"{k} {v:.2f}" for k, v in s.items()),
         f"speed      {report['rows_per_second']:.1f} rows/s, {report['tokens_per_second']:.0f} tokens/s",
     ]
@@ -127,18 +157,37 @@ def _convert(args) -> int:
     return 0
 
 
+def _prune(args) -> int:
+    from pipeline.prune import prune_vocab
+
+    columns = ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__})
+    dst = prune_vocab(args.model_dir, args.data, args.out, keep_top=args.keep_top, force=args.force,
+                      columns=columns, name=args.name)
+    info = load_model_info(dst)
+    p = info.raw["pruning"]
+    before, after = (args.model_dir / "inference.pdiparams").stat().st_size, info.params_file.stat().st_size
+    print(f"pruned {args.model_dir} -> {dst}: kept {p['ids_kept']} of {p['source_vocab_size']} ids "
+          f"({p['data_rows']} rows of {len(p['data'])} file(s)); parameters {before / 1e6:.1f} MB -> "
+          f"{after / 1e6:.1f} MB; run it with --model {dst}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _convert_parser(sub)
+    _prune_parser(sub)
     args = parser.parse_args(argv)
+    from pipeline.memory import limit_heap_fragmentation
+
+    limit_heap_fragmentation()
     from pipeline.convert import ConversionError
     from pipeline.runner import Interrupted, RunError
     from pipeline.writer import ResumeError
 
     try:
-        return {"run": _run, "convert": _convert}[args.command](args)
+        return {"run": _run, "convert": _convert, "prune-vocab": _prune}[args.command](args)
     except Interrupted:
         print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
               f"run the same command with --resume to continue", file=sys.stderr)

@@ -517,48 +517,43 @@ class SeenPairs:
 
     A dict of the pairs themselves costs over 100 bytes a pair, which would make a run's memory
     grow with its input. Here a pair is its 64-bit hash (`hash` of "qid NUL doc_id"; a run reads
-    in one process, so the per-process hash seed is fixed for the whole run) with its location,
-    kept in sorted numpy arrays, plus a small dict of recent pairs merged in now and then. Two
-    different pairs share a hash with probability about n^2 / 2^65 (3e-6 for ten million pairs);
-    the reject reason then still names the first location, so such a case can be checked.
+    in one process, so the per-process hash seed is fixed for the whole run) with its location:
+    recent pairs in a small dict, older ones in sorted numpy runs of RECENT_LIMIT pairs that are
+    never merged (a merge would briefly need several times the memory). Two different pairs
+    share a hash with probability about n^2 / 2^65 (3e-6 for ten million pairs); the reject
+    reason then still names the first location, so such a case can be checked.
     """
 
     RECENT_LIMIT = 1 << 16
 
     def __init__(self) -> None:
-        self._keys = np.empty(0, dtype=np.int64)
-        self._where = np.empty(0, dtype=np.int64)
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, where), disjoint
         self._recent: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._keys) + len(self._recent)
+        return sum(len(k) for k, _ in self._runs) + len(self._recent)
 
     def first_seen(self, keys: np.ndarray, where: np.ndarray) -> np.ndarray:
         """For each key in order: -1 if it is new (and remember it at `where`), else where it
         was first seen."""
         out = np.full(len(keys), -1, dtype=np.int64)
-        new = np.ones(len(keys), dtype=bool)
-        if len(self._keys) and len(keys):
-            idx = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-            hit = self._keys[idx] == keys
-            out[hit] = self._where[idx[hit]]
-            new = ~hit
+        for run_keys, run_where in self._runs:
+            idx = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
+            hit = run_keys[idx] == keys
+            out[hit] = run_where[idx[hit]]
         recent = self._recent
-        for i in np.flatnonzero(new).tolist():
+        for i in np.flatnonzero(out < 0).tolist():
             w = int(where[i])
             first = recent.setdefault(int(keys[i]), w)
             if first != w:
                 out[i] = first
         if len(recent) >= self.RECENT_LIMIT:
-            self._merge()
+            keys_ = np.fromiter(recent.keys(), np.int64, len(recent))
+            where_ = np.fromiter(recent.values(), np.int64, len(recent))
+            order = np.argsort(keys_)
+            self._runs.append((keys_[order], where_[order]))
+            self._recent = {}
         return out
-
-    def _merge(self) -> None:
-        keys = np.concatenate([self._keys, np.fromiter(self._recent.keys(), np.int64, len(self._recent))])
-        where = np.concatenate([self._where, np.fromiter(self._recent.values(), np.int64, len(self._recent))])
-        order = np.argsort(keys, kind="stable")
-        self._keys, self._where = keys[order], where[order]
-        self._recent = {}
 
 
 class _Validator:
