@@ -27,3 +27,14 @@ def limit_heap_fragmentation(mmap_threshold: int = 128 * 1024, arena_max: int = 
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_ARENA_MAX, arena_max))
+
+
+def release_free_memory() -> None:
+    """Hand memory that glibc holds free back to the system (malloc_trim also releases free
+    pages inside the heap, not only at its top). Called once per committed window: a few ms."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -36,7 +36,7 @@ class PredictorSettings:
     precision: str = "fp32"  # 'fp32' | 'fp16' (GPU only: no fp16 kernels on the CPU)
     onednn: bool = True
     ir_optim: bool = True
-    onednn_cache_capacity: int = 0  # 0: keep every shape's kernels (batches vary in shape)
+    onednn_cache_capacity: int = 64  # shapes whose oneDNN primitives are kept; 0: no limit (grows with shapes)
     save_optimized_program_to: str | None = None  # a folder to dump the optimised program into
     gpu_id: int = 0
     gpu_memory_mb: int = 1024  # initial pool; Paddle grows it as needed
@@ -67,6 +67,11 @@ def build_config(info: ModelInfo, settings: PredictorSettings) -> paddle_infer.C
         if settings.onednn:
             config.enable_mkldnn()
             config.set_mkldnn_cache_capacity(settings.onednn_cache_capacity)
+            if info.precision == "int8":
+                # Quantised model (`python -m pipeline quantize`): only the listed op types run
+                # int8 (oneDNN fc -> gemm_s8s8s32); int8 for every op is ~36x slower here.
+                ops = info.raw.get("quantization", {}).get("onednn_int8_ops", ["fc"])
+                config.enable_mkldnn_int8(set(ops))
     else:
         _configure_gpu(config, info, settings)
     # Handles are created once and inputs copied in per batch (zero-copy tensors).
@@ -131,6 +136,9 @@ class PaddlePredictor:
                 "the CPU-only paddlepaddle. Install requirements-gpu.txt (paddlepaddle-gpu 2.6.2, "
                 "CUDA 11.8 / cuDNN 8.6 from the system) in place of requirements.txt, or use --device cpu"
             )
+        if info.precision == "int8" and (settings.device != "cpu" or not settings.onednn):
+            raise GpuUnavailable(f"{info.path} is an int8 model: it runs on the CPU with oneDNN only; "
+                                 f"use --device cpu, or the fp32 model it was quantised from")
         self.info = info
         self.settings = settings
         self._predictor = paddle_infer.create_predictor(build_config(info, settings))

@@ -30,7 +30,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.batching import pad_batch, plan_batches
 from pipeline.config import ConfigError, RunConfig, Settings, check_writable, resolve
-from pipeline.modeldir import ModelInfo, TokenizerSettings
+from pipeline.memory import release_free_memory
+from pipeline.modeldir import ModelInfo, TokenizerSettings, load_id_map
 from pipeline.reader import Chunk, DatasetReader, InputError, Reject
 from pipeline.tokenizer import Encoded, WordPieceTokenizer, fit_pretokenized
 from pipeline.writer import FILES, RunStore
@@ -61,11 +62,27 @@ def create_backend(info: ModelInfo, settings: Settings) -> Backend:
 # ----------------------------------------------------------------------------- tokenizer workers
 
 _TOKENIZER: WordPieceTokenizer | None = None
+_ID_MAP: np.ndarray | None = None  # vocabulary-pruned models: full-vocab id -> embedding row
 
 
-def _init_worker(vocab_file: str, tok: TokenizerSettings) -> None:
-    global _TOKENIZER
+def _init_worker(vocab_file: str, tok: TokenizerSettings, id_map_file: str | None = None) -> None:
+    global _TOKENIZER, _ID_MAP
     _TOKENIZER = WordPieceTokenizer(vocab_file, tok)
+    _ID_MAP = load_id_map(Path(id_map_file)) if id_map_file else None
+
+
+def _apply_id_map(enc: Encoded, unk_id: int) -> int:
+    """Pruned models: WordPiece ran on the full vocab; its ids become rows of the pruned table
+    here (ids that were not kept become [UNK]). Returns how many tokens fell to [UNK] that way;
+    tokens that were [UNK] already are not counted."""
+    if _ID_MAP is None:
+        return 0
+    ids = enc.ids.flat
+    if ids.size and int(ids.max()) >= len(_ID_MAP):
+        raise ValueError(f"token id {int(ids.max())} is outside the model's {len(_ID_MAP)}-token vocabulary")
+    mapped = _ID_MAP[ids]
+    enc.ids.flat = mapped
+    return int(np.count_nonzero((mapped == _ID_MAP[unk_id]) & (ids != unk_id)))
 
 
 @dataclass
@@ -82,6 +99,7 @@ class TokenizeResult:
     failed: dict[int, str]  # item index -> reason
     seconds: float
     truncated: int = 0
+    unknown_tokens: int = 0  # pruned models: tokens outside the kept vocabulary, now [UNK]
 
 
 def tokenize_task(task: TokenizeTask) -> TokenizeResult:
@@ -92,32 +110,35 @@ def tokenize_task(task: TokenizeTask) -> TokenizeResult:
 
     def encode(a, b):
         if task.kind == "pairs":
-            return tok.encode_pairs(a, b, task.max_seq_len), 0
-        if task.kind == "texts":
-            return tok.encode_single(a, task.max_seq_len), 0
-        return fit_pretokenized(a, b, task.max_seq_len, tok.sep_id)
+            enc, cut = tok.encode_pairs(a, b, task.max_seq_len), 0
+        elif task.kind == "texts":
+            enc, cut = tok.encode_single(a, task.max_seq_len), 0
+        else:
+            enc, cut = fit_pretokenized(a, b, task.max_seq_len, tok.sep_id)
+        return enc, cut, _apply_id_map(enc, tok.unk_id)
 
     failed: dict[int, str] = {}
     try:
-        enc, truncated = encode(task.a, task.b)
+        enc, truncated, unknown = encode(task.a, task.b)
     except Exception:  # find the culprit rows one by one; the others are encoded as usual
-        parts, truncated = [], 0
+        parts, truncated, unknown = [], 0, 0
         for i in range(len(task.a)):
             try:
-                e, t = encode(task.a[i:i + 1], None if task.b is None else task.b[i:i + 1])
+                e, t, u = encode(task.a[i:i + 1], None if task.b is None else task.b[i:i + 1])
                 parts.append(e)
                 truncated += t
+                unknown += u
             except Exception as ex:  # noqa: BLE001 - any tokenizer failure is a row-level reject
                 failed[i] = f"tokenizer error: {type(ex).__name__}: {ex}"
         enc = Encoded.concat(parts)
-    return TokenizeResult(enc, failed, time.perf_counter() - t0, truncated)
+    return TokenizeResult(enc, failed, time.perf_counter() - t0, truncated, unknown)
 
 
 class InlineExecutor:
     """`--workers 0`: tokenize in the reader thread (same results, no processes)."""
 
-    def __init__(self, vocab_file: str, tok: TokenizerSettings):
-        _init_worker(vocab_file, tok)
+    def __init__(self, vocab_file: str, tok: TokenizerSettings, id_map_file: str | None = None):
+        _init_worker(vocab_file, tok, id_map_file)
 
     def submit(self, fn, arg) -> Future:
         f: Future = Future()
@@ -220,6 +241,7 @@ class Tally:
     padded_tokens: int = 0
     batches: int = 0
     truncated_pretokenized: int = 0
+    unknown_tokens: int = 0  # pruned models: tokens of the tokenized sequences outside the kept vocab
     read_seconds: float = 0.0
     tokenize_seconds: float = 0.0
     tokenize_wait_seconds: float = 0.0
@@ -343,13 +365,16 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
     tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()
     backend = create_backend(model, settings)
     tok = WordPieceTokenizer(model.vocab_file, model.tokenizer)  # also checks the vocab's special tokens
+    id_map = str(model.id_map_file) if model.id_map_file else None  # vocabulary-pruned model
+    pad_id = tok.pad_id if id_map is None else int(load_id_map(model.id_map_file)[tok.pad_id])
     if settings.workers > 0:
         executor = ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(str(model.vocab_file), model.tokenizer))
+                                       initializer=_init_worker,
+                                       initargs=(str(model.vocab_file), model.tokenizer, id_map))
     else:
-        executor = InlineExecutor(str(model.vocab_file), model.tokenizer)
+        executor = InlineExecutor(str(model.vocab_file), model.tokenizer, id_map)
     stop = threading.Event()
-    scorer = Scorer(backend, settings, tok.pad_id, tally, stop)
+    scorer = Scorer(backend, settings, pad_id, tally, stop)
     chunks_per_window = max(1, settings.window_rows // settings.chunk_rows)
     feeder = ChunkFeeder(reader, executor, settings, depth=chunks_per_window + 2 * max(settings.workers, 1),
                          skip=store.chunks)
@@ -371,6 +396,7 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
         for r in results:
             tally.tokenize_seconds += r.seconds
             tally.truncated_pretokenized += r.truncated
+            tally.unknown_tokens += r.unknown_tokens
         scores = scorer.score(pending, results, lambda n: progress.update(n * rows / seqs))
         t1 = time.perf_counter()
         rejects = [r for it in window for r in it.rejects]
@@ -402,6 +428,7 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
         tally.write_seconds += time.perf_counter() - t1
         store.commit_window(scored, sorted(rejects, key=lambda r: r.row), chunks_done, tally.to_dict())
         progress.update(len(rejects))
+        release_free_memory()
 
     files_index = {str(f): i for i, f in enumerate(files)}
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -503,6 +530,7 @@ def _report(model, settings, reader, tally, files, metrics, started_at, startup_
             "padding_overhead": (tally.padded_tokens / tally.tokens - 1.0) if tally.tokens else 0.0,
             "batches": tally.batches,
             "truncated_pretokenized": tally.truncated_pretokenized,
+            "unknown_tokens": tally.unknown_tokens,
         },
         "seconds": {
             "startup": startup_s,
@@ -520,6 +548,7 @@ def _report(model, settings, reader, tally, files, metrics, started_at, startup_
         "model": {
             "name": model.name, "path": str(model.path), "mode": model.mode, "pooling": model.pooling,
             "precision": model.precision, "checksum": model.checksum, "source_sha256": model.source_sha256,
+            "pruned_ids_kept": model.raw["pruning"]["ids_kept"] if model.id_map_file else None,
         },
         "metrics": metrics,
     }

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.memory import release_free_memory
 from pipeline.ranking import RankingMetrics, combine_metrics, rank_per_query, ranking_metrics
 from pipeline.reader import Reject
 
@@ -209,6 +210,8 @@ class RunStore:
                     t0 = time.perf_counter()
                     metrics.append(ranking_metrics(qid, doc, label, score))
                     self.rank_seconds += time.perf_counter() - t0
+                del rows, out, qid, doc, label, score
+                release_free_memory()
         shutil.rmtree(buckets_dir)
         # Windows cover consecutive rows and each rejects file is sorted, so concatenation is
         # already in input order.
