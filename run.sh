@@ -35,7 +35,7 @@ case "${1:-}" in
         ensure_venv test
         exec "$VENV/bin/python" -m pytest tests "$@"
         ;;
-    convert|run)
+    convert|prune-vocab|quantize|run)
         ensure_venv run
         exec "$VENV/bin/python" -m pipeline "$@"
         ;;

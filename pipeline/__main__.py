@@ -1,5 +1,6 @@
 """Command line: `python -m pipeline run ...`, `python -m pipeline convert SRC DST` and
-`python -m pipeline prune-vocab MODEL_DIR --data FILES... --out PRUNED_DIR`.
+`python -m pipeline prune-vocab MODEL_DIR --data FILES... --out PRUNED_DIR` and
+`python -m pipeline quantize MODEL_DIR --calib FILES... --out INT8_DIR`.
 
 Arguments are turned into a typed `RunConfig` once, here; nothing downstream sees argparse.
 """
@@ -102,6 +103,31 @@ def _prune_parser(sub) -> None:
                        help=f"input column holding {field}")
 
 
+def _quantize_parser(sub) -> None:
+    p = sub.add_parser(
+        "quantize", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="runtime model -> int8 copy (post-training quantisation, CPU oneDNN), gated on held-out data",
+        description="Calibrate int8 activation ranges on half of --calib (split by qid), score the other half "
+                    "with the fp32 and the int8 model, and write the int8 model only if NDCG@10 and PNR each "
+                    "lose at most --max-loss-rate. Needs PaddleSlim: pip install -r requirements-quant.txt.")
+    p.add_argument("model_dir", type=Path, help="fp32 runtime model directory (from `convert`)")
+    p.add_argument("--calib", type=Path, nargs="+", required=True,
+                   help="labelled files or folders like the data the model will score (same formats as `run`)")
+    p.add_argument("--out", type=Path, required=True, help="the int8 runtime model directory to write")
+    p.add_argument("--max-loss-rate", type=float, default=0.01,
+                   help="largest allowed |m_fp32 - m_int8| / m_fp32 for NDCG@10 and PNR")
+    p.add_argument("--algo", default="abs_max", choices=["abs_max", "avg", "hist", "KL", "mse", "emd"],
+                   help="activation range calibration (PaddleSlim)")
+    p.add_argument("--calib-sequences", type=int, default=256, help="sequences fed to calibration (at most)")
+    p.add_argument("--threads", type=int, default=None, help="predictor threads for the gate (default: core count)")
+    p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-int8)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out, and write the model even if it fails the gate (marked failing in model.json)")
+    for field in ("qid", "query", "doc_id", "doc", "label", "input_ids", "token_type_ids"):
+        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
+                       help=f"input column holding {field}")
+
+
 def _run(args) -> int:
     from pipeline.runner import run
 
@@ -172,12 +198,33 @@ def _prune(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from pipeline.convert import ConversionError
+    from pipeline.quantize import QuantSettings, format_gate, quantize
+
+    if args.max_loss_rate < 0 or args.calib_sequences < 1:
+        raise ConversionError("--max-loss-rate must be >= 0 and --calib-sequences >= 1")
+    columns = ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__})
+    dst, gate = quantize(args.model_dir, args.calib, args.out, force=args.force, columns=columns, name=args.name,
+                         settings=QuantSettings(algo=args.algo, calib_sequences=args.calib_sequences),
+                         max_loss_rate=args.max_loss_rate, threads=args.threads,
+                         log=lambda m: print(m, file=sys.stderr))
+    print(format_gate(gate))
+    if dst is None:
+        raise ConversionError(f"the int8 model fails the quality gate, so {args.out} was not written; keep the "
+                              f"fp32 model, or pass --force to write it anyway (model.json marks it as failing)")
+    print(f"quantized {args.model_dir} -> {dst}" + ("" if gate.passed else " (FAILS the gate; written because of --force)")
+          + f"; run it with --model {dst}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _convert_parser(sub)
     _prune_parser(sub)
+    _quantize_parser(sub)
     args = parser.parse_args(argv)
     from pipeline.memory import limit_heap_fragmentation
 
@@ -187,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.writer import ResumeError
 
     try:
-        return {"run": _run, "convert": _convert, "prune-vocab": _prune}[args.command](args)
+        return {"run": _run, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize}[args.command](args)
     except Interrupted:
         print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
               f"run the same command with --resume to continue", file=sys.stderr)

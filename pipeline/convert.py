@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from pipeline.modeldir import (
     PARAMS_FILE,
     VOCAB_FILE,
     ModelDirError,
+    ModelInfo,
     count_vocab,
     load_model_info,
     sha256_file,
@@ -350,32 +352,23 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
 
     paddle.set_device("cpu")
     model = build_model(ckpt.config, mode, ckpt.weights)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    tmp.chmod(0o755)
-    try:
-        export_model(model, tmp)
-        shutil.copyfile(ckpt.vocab_file, tmp / VOCAB_FILE)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": name or ckpt.name,
-            "mode": mode,
-            "pooling": "cls" if mode == "cross" else "mean",
-            "output": "score" if mode == "cross" else "embedding",
-            "max_seq_len": seq,
-            "precision": "fp32",
-            "architecture": ckpt.config,
-            "tokenizer": {"lowercase": ckpt.lowercase, "handle_chinese_chars": True, "strip_accents": None},
-            "source": {"path": str(src.resolve()), "layout": ckpt.layout, "file": ckpt.weights_file.name,
-                       "sha256": sha256_file(ckpt.weights_file)},
-            "params_sha256": sha256_file(tmp / PARAMS_FILE),
-            "vocab_sha256": sha256_file(tmp / VOCAB_FILE),
-            "converted_by": f"pipeline {__version__}, paddle {paddle.__version__}",
-        }
-        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        # Validate before the directory becomes visible: the exported program, run by the
-        # predictor we ship, must reproduce the dynamic-graph model.
-        info = load_model_info(tmp)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": name or ckpt.name,
+        "mode": mode,
+        "pooling": "cls" if mode == "cross" else "mean",
+        "output": "score" if mode == "cross" else "embedding",
+        "max_seq_len": seq,
+        "precision": "fp32",
+        "architecture": ckpt.config,
+        "tokenizer": {"lowercase": ckpt.lowercase, "handle_chinese_chars": True, "strip_accents": None},
+        "source": {"path": str(src.resolve()), "layout": ckpt.layout, "file": ckpt.weights_file.name,
+                   "sha256": sha256_file(ckpt.weights_file)},
+        "converted_by": f"pipeline {__version__}, paddle {paddle.__version__}",
+    }
+
+    def check(info: ModelInfo) -> None:
+        # The exported program, run by the predictor we ship, must reproduce the dynamic-graph model.
         batch = probe_batch(ckpt.config["vocab_size"])
         with paddle.no_grad():
             want = model(*[paddle.to_tensor(batch[k]) for k in ("input_ids", "token_type_ids", "attention_mask")]).numpy()
@@ -383,6 +376,27 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
         err = float(np.max(np.abs(got - want)))
         if not err < 1e-4:
             raise ConversionError(f"exported program differs from the model by {err:.3g} (limit 1e-4)")
+
+    return save_runtime_dir(model, meta, ckpt.vocab_file, dst, check)
+
+
+def save_runtime_dir(model, meta: dict, vocab_file: Path, dst: Path, check: Callable[[ModelInfo], None],
+                     extra_files: dict[str, bytes] | None = None) -> Path:
+    """Export `model` with `vocab_file`, `extra_files` and `meta` (plus the params and vocab
+    checksums) into a temporary directory beside `dst`, run `check` on it, and only then move it
+    into place, replacing `dst` (callers refuse an existing `dst` without --force beforehand).
+    A failed export or check leaves nothing behind, so a directory that exists is complete."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    tmp.chmod(0o755)
+    try:
+        export_model(model, tmp)
+        shutil.copyfile(vocab_file, tmp / VOCAB_FILE)
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+        meta = {**meta, "params_sha256": sha256_file(tmp / PARAMS_FILE), "vocab_sha256": sha256_file(tmp / VOCAB_FILE)}
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        check(load_model_info(tmp))
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)

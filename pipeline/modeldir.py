@@ -4,19 +4,27 @@ A runtime directory holds `inference.pdmodel` + `inference.pdiparams` (the expor
 Inference program), `vocab.txt`, and `model.json`, which describes everything the rest of the
 pipeline needs without importing paddle: architecture, scoring mode, pooling, max length,
 tokenizer settings, precision and checksums. This module only reads and checks it.
+
+A vocabulary-pruned directory (`python -m pipeline prune-vocab`, see `pipeline/prune.py`) also
+holds `id_map.npy`: the full `vocab.txt` still drives WordPiece, and the map turns its ids into
+rows of the smaller embedding table. Its `model.json` has a `pruning` object with the map's
+checksum, which is verified here so a map and a model that do not belong together never run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 MODEL_JSON = "model.json"
 PROGRAM_FILE = "inference.pdmodel"
 PARAMS_FILE = "inference.pdiparams"
 VOCAB_FILE = "vocab.txt"
+ID_MAP_FILE = "id_map.npy"  # pruned models only: full-vocab id -> embedding row
 FORMAT_VERSION = 1
 
 
@@ -59,6 +67,7 @@ class ModelInfo:
     tokenizer: TokenizerSettings
     source_sha256: str
     raw: dict
+    id_map_file: Path | None = None  # set for vocabulary-pruned models (ids go through it)
 
     @property
     def program_file(self) -> Path:
@@ -115,6 +124,8 @@ def load_model_info(path: str | Path, check_vocab: bool = True) -> ModelInfo:
     for f in (info.program_file, info.params_file, info.vocab_file):
         if not f.is_file() or f.stat().st_size == 0:
             raise ModelDirError(f"{f} is missing or empty; re-run the conversion with --force")
+    if "pruning" in meta:
+        return _check_pruned(info, meta_path, check_vocab)
     if check_vocab:
         n = count_vocab(info.vocab_file)
         if n != info.vocab_size:
@@ -123,3 +134,46 @@ def load_model_info(path: str | Path, check_vocab: bool = True) -> ModelInfo:
                 f"{info.vocab_size} rows: vocab and weights do not belong together"
             )
     return info
+
+
+def load_id_map(path: Path) -> np.ndarray:
+    """The id map of a pruned model as int64 (the dtype numpy indexes with fastest)."""
+    return np.load(path, allow_pickle=False).astype(np.int64)
+
+
+def _check_pruned(info: ModelInfo, meta_path: Path, check_vocab: bool) -> ModelInfo:
+    """A pruned model keeps the full vocab.txt, so the vocab must match the map (one entry per
+    token) and the map must point into the embedding table; the map's checksum must be the one
+    recorded when the model was pruned (a map from another pruning would silently change ids)."""
+    fix = "prune again with `python -m pipeline prune-vocab SOURCE_MODEL --data ... --out DIR --force`"
+    try:
+        pruning = info.raw["pruning"]
+        map_file = info.path / str(pruning["map_file"])
+        want_sha = str(pruning["map_sha256"])
+    except (KeyError, TypeError) as e:
+        raise ModelDirError(f"{meta_path}: the 'pruning' record is corrupt ({type(e).__name__}: {e}); {fix}") from e
+    if not map_file.is_file():
+        raise ModelDirError(f"{map_file} is missing: {info.path} is a pruned model and needs its id map; {fix}")
+    got_sha = sha256_file(map_file)
+    if got_sha != want_sha:
+        raise ModelDirError(
+            f"{map_file} has sha256 {got_sha[:12]}..., but {meta_path} records {want_sha[:12]}...: the id map "
+            f"does not belong to this pruned model and would feed it the wrong embedding rows; {fix}"
+        )
+    if check_vocab:
+        try:
+            id_map = np.load(map_file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ModelDirError(f"{map_file} is not a readable .npy array ({e}); {fix}") from e
+        n = count_vocab(info.vocab_file)
+        if id_map.ndim != 1 or id_map.dtype.kind not in "iu" or len(id_map) != n:
+            raise ModelDirError(
+                f"{map_file} holds a {id_map.dtype} array of shape {id_map.shape}, but {info.vocab_file} has "
+                f"{n} tokens: the map needs one integer per vocab entry; {fix}"
+            )
+        if len(id_map) and (int(id_map.min()) < 0 or int(id_map.max()) >= info.vocab_size):
+            raise ModelDirError(
+                f"{map_file} points outside the model's {info.vocab_size}-row embedding table "
+                f"(values {int(id_map.min())}..{int(id_map.max())}); {fix}"
+            )
+    return replace(info, id_map_file=map_file)

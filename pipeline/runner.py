@@ -134,6 +134,10 @@ def tokenize_task(task: TokenizeTask) -> TokenizeResult:
     return TokenizeResult(enc, failed, time.perf_counter() - t0, truncated, unknown)
 
 
+def _ready() -> bool:
+    return _TOKENIZER is not None
+
+
 class InlineExecutor:
     """`--workers 0`: tokenize in the reader thread (same results, no processes)."""
 
@@ -363,7 +367,6 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
     for name in FILES:  # stale results of an earlier run must not sit beside this run's
         (cfg.out_dir / name).unlink(missing_ok=True)
     tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()
-    backend = create_backend(model, settings)
     tok = WordPieceTokenizer(model.vocab_file, model.tokenizer)  # also checks the vocab's special tokens
     id_map = str(model.id_map_file) if model.id_map_file else None  # vocabulary-pruned model
     pad_id = tok.pad_id if id_map is None else int(load_id_map(model.id_map_file)[tok.pad_id])
@@ -371,8 +374,19 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
         executor = ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_worker,
                                        initargs=(str(model.vocab_file), model.tokenizer, id_map))
+        # Start the workers now so that they boot while the predictor loads (~2 s otherwise
+        # spent waiting for them on the first chunk).
+        warm = [executor.submit(_ready) for _ in range(settings.workers)]
     else:
         executor = InlineExecutor(str(model.vocab_file), model.tokenizer, id_map)
+        warm = []
+    try:
+        backend = create_backend(model, settings)
+        for f in warm:
+            f.result()
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
     stop = threading.Event()
     scorer = Scorer(backend, settings, pad_id, tally, stop)
     chunks_per_window = max(1, settings.window_rows // settings.chunk_rows)

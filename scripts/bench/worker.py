@@ -1,0 +1,397 @@
+"""One benchmark system, one process: load the model, then score every pair of a pairs file.
+
+    python scripts/bench/worker.py SYSTEM --data PAIRS.tsv --out DIR --threads T
+
+Writes DIR/scores.txt (one bi-encoder cosine per pair, input order) and DIR/result.json
+(load seconds, end-to-end scoring seconds and their stages, texts and tokens encoded, versions).
+The timed part starts after the model is loaded and covers reading the pairs file, tokenizing,
+the forward passes and the cosines, as the pipeline's own `seconds.total - seconds.startup` does.
+
+Systems (the parent runs each with the right interpreter):
+- baseline       main venv: PaddleNLP BertModel in dynamic-graph mode, PaddleNLP's Python
+                 BertTokenizer, batches of 32 in input order padded to 256, query and doc of every
+                 pair encoded (no dedupe), fp32, default environment (no MKL_DEBUG_CPU_TYPE).
+- st-torch, st-onnx, st-openvino
+                 .venv-bench: sentence-transformers `encode` (its own length-sorted batches of 32,
+                 padded per batch) on the distinct texts of the file, with the given backend.
+- ort-p2o        .venv-bench: onnxruntime on our runtime model exported by paddle2onnx, with the
+                 pipeline's tokenizer and its length-sorted token-budget batches on the distinct
+                 texts (tokenized in this process).
+- engine-paddle, engine-ort
+                 diagnosis only (bench_peers.py --diagnose): the Paddle predictor (main venv) or
+                 onnxruntime on the paddle2onnx export (.venv-bench) alone on the pipeline's batches,
+                 two passes (the first pays each new batch shape's set-up, the second does not).
+"""
+
+from __future__ import annotations
+
+import zlib  # noqa: F401 - before paddle (paddle 2.6 breaks zlib otherwise)
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    MAX_SEQ_LEN, ROOT, Clock, dump, model_source, read_pairs, versions, write_scores,
+)
+
+T_PROCESS = time.perf_counter()  # as early as this module allows: imports above are stdlib only
+
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "AISTUDIO_HUB_OFFLINE",
+           "AISTUDIO_BOS_OFFLINE"):
+    os.environ[_k] = "1"  # nothing may try a download
+
+
+def distinct(data: dict[str, list[str]]):
+    """Distinct texts in first-seen order and each pair's query and doc index into them."""
+    slot: dict[str, int] = {}
+    qi = [slot.setdefault(t, len(slot)) for t in data["query"]]
+    di = [slot.setdefault(t, len(slot)) for t in data["doc"]]
+    return list(slot), qi, di
+
+
+def cosines(emb, qi, di):
+    """Cosine of L2-normalised embeddings (float64 dot products)."""
+    import numpy as np
+
+    e = np.asarray(emb, dtype=np.float64)
+    return np.einsum("ij,ij->i", e[np.asarray(qi)], e[np.asarray(di)])
+
+
+# ----------------------------------------------------------------------------- 1. the plain baseline
+
+
+def run_baseline(args, clock: Clock) -> dict:
+    import numpy as np
+    import paddle
+    from paddlenlp.transformers import BertConfig, BertModel, BertTokenizer
+    from safetensors.numpy import load_file
+
+    import json
+
+    src = model_source()
+    cfg = json.loads((src / "config.json").read_text())
+    paddle.set_device("cpu")
+    paddle.base.core.set_num_threads(args.threads)
+    config = BertConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+                        intermediate_size=cfg["intermediate_size"], hidden_act=cfg["hidden_act"],
+                        max_position_embeddings=cfg["max_position_embeddings"], type_vocab_size=cfg["type_vocab_size"],
+                        layer_norm_eps=cfg["layer_norm_eps"], pad_token_id=cfg["pad_token_id"])
+    model = BertModel(config)
+    model.set_state_dict(hf_to_paddlenlp_bert(load_file(str(src / "model.safetensors")), cfg["num_hidden_layers"],
+                                              model.state_dict()))
+    model.eval()
+    tok = BertTokenizer(vocab_file=str(src / "vocab.txt"), do_lower_case=True)
+    load_done = time.perf_counter()
+
+    batch, max_len = 32, MAX_SEQ_LEN
+    t0 = time.perf_counter()
+    with clock("read"):
+        data = read_pairs(args.data)
+    n = len(data["qid"])
+    scores = np.empty(n, dtype=np.float64)
+    real_tokens = 0
+
+    def embed(texts):
+        nonlocal real_tokens
+        with clock("tokenize"):
+            enc = tok(texts, max_length=max_len, padding="max_length", truncation=True, return_attention_mask=True)
+            ids = np.asarray(enc["input_ids"], dtype=np.int64)
+            types = np.asarray(enc["token_type_ids"], dtype=np.int64)
+            mask = np.asarray(enc["attention_mask"], dtype=np.float32)
+            real_tokens += int(mask.sum())
+        with clock("infer"):
+            with paddle.no_grad():
+                m = paddle.to_tensor(mask)
+                seq = model(paddle.to_tensor(ids), token_type_ids=paddle.to_tensor(types), attention_mask=m)[0]
+                mean = (seq * m.unsqueeze(-1)).sum(axis=1) / m.sum(axis=1, keepdim=True)
+                emb = paddle.nn.functional.normalize(mean, axis=-1)
+            return emb.numpy()
+
+    for start in range(0, n, batch):
+        q = embed(data["query"][start:start + batch])
+        d = embed(data["doc"][start:start + batch])
+        scores[start:start + batch] = np.einsum("ij,ij->i", q.astype(np.float64), d.astype(np.float64))
+    seconds = time.perf_counter() - t0
+    return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": 2 * n,
+            "real_tokens": real_tokens, "padded_tokens": 2 * n * max_len, "batches": 2 * -(-n // batch),
+            "dedupe": False, "precision": "fp32",
+            "settings": {"batch_size": batch, "padding": "max_length", "max_length": max_len,
+                         "paddle_num_threads": args.threads, "MKL_DEBUG_CPU_TYPE": os.environ.get("MKL_DEBUG_CPU_TYPE")},
+            "versions": versions(["paddlepaddle", "paddlenlp", "numpy"])}
+
+
+def hf_to_paddlenlp_bert(w: dict, n_layers: int, like: dict) -> dict:
+    """HF BERT tensor names -> PaddleNLP BertModel's; HF Linear weights are [out, in], Paddle's [in, out]."""
+    w = {k[5:] if k.startswith("bert.") else k: v for k, v in w.items()}
+    out = {}
+    for e in ("word", "position", "token_type"):
+        out[f"embeddings.{e}_embeddings.weight"] = w[f"embeddings.{e}_embeddings.weight"]
+    out["embeddings.layer_norm.weight"] = w["embeddings.LayerNorm.weight"]
+    out["embeddings.layer_norm.bias"] = w["embeddings.LayerNorm.bias"]
+    lin = {"attention.self.query": "self_attn.q_proj", "attention.self.key": "self_attn.k_proj",
+           "attention.self.value": "self_attn.v_proj", "attention.output.dense": "self_attn.out_proj",
+           "intermediate.dense": "linear1", "output.dense": "linear2"}
+    ln = {"attention.output.LayerNorm": "norm1", "output.LayerNorm": "norm2"}
+    for i in range(n_layers):
+        for a, b in lin.items():
+            out[f"encoder.layers.{i}.{b}.weight"] = w[f"encoder.layer.{i}.{a}.weight"].T
+            out[f"encoder.layers.{i}.{b}.bias"] = w[f"encoder.layer.{i}.{a}.bias"]
+        for a, b in ln.items():
+            out[f"encoder.layers.{i}.{b}.weight"] = w[f"encoder.layer.{i}.{a}.weight"]
+            out[f"encoder.layers.{i}.{b}.bias"] = w[f"encoder.layer.{i}.{a}.bias"]
+    if "pooler.dense.weight" in w:
+        out["pooler.dense.weight"] = w["pooler.dense.weight"].T
+        out["pooler.dense.bias"] = w["pooler.dense.bias"]
+    missing = sorted(set(like) - set(out))
+    assert not missing, f"weights missing for {missing[:5]}"
+    for k, v in out.items():
+        assert tuple(v.shape) == tuple(like[k].shape), f"{k}: {v.shape} vs {like[k].shape}"
+    return {k: v.copy() for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- 3. sentence-transformers
+
+
+def run_st(args, clock: Clock, backend: str) -> dict:
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    kwargs: dict = {}
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        kwargs = {"session_options": so, "provider": "CPUExecutionProvider"}
+    elif backend == "openvino":
+        kwargs = {"ov_config": {"INFERENCE_NUM_THREADS": str(args.threads)}}
+    path = args.model_dir or model_source()
+    model = SentenceTransformer(str(path), device="cpu", backend=backend, model_kwargs=kwargs or None,
+                                local_files_only=True)
+    engine = engine_settings(model, backend)
+    load_done = time.perf_counter()
+
+    t0 = time.perf_counter()
+    with clock("read"):
+        data = read_pairs(args.data)
+    texts, qi, di = distinct(data)
+    with clock("encode"):  # tokenizing inside: sentence-transformers does both per batch
+        emb = model.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+    with clock("cosine"):
+        scores = cosines(emb, qi, di)
+    seconds = time.perf_counter() - t0
+
+    # Token counts, outside the timed part: what encode() fed the model. It sorts texts by
+    # character length (longest first) and pads each batch of 32 to its longest.
+    lengths = np.array([len(x) for x in model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]])
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    padded = sum(int(lengths[order[i:i + 32]].max()) * len(order[i:i + 32]) for i in range(0, len(order), 32))
+    return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": len(texts),
+            "real_tokens": int(lengths.sum()), "padded_tokens": padded, "batches": -(-len(texts) // 32),
+            "dedupe": True, "precision": "fp32", "settings": {"batch_size": 32, "backend": backend,
+                                                                "max_seq_length": model.max_seq_length,
+                                                                "model_dir": str(path), **engine},
+            "versions": versions(["sentence-transformers", "transformers", "torch", "onnxruntime", "openvino",
+                                  "optimum", "optimum-onnx", "optimum-intel", "tokenizers", "numpy"])}
+
+
+def engine_settings(model, backend: str) -> dict:
+    """What the engine under sentence-transformers was really set to (threads, precision)."""
+    import torch
+
+    out: dict = {"torch_threads": torch.get_num_threads()}
+    try:
+        inner = model[0].auto_model
+        if backend == "onnx":
+            sess = inner.model if hasattr(inner, "model") else inner.session
+            out["ort_providers"] = sess.get_providers()
+            so = sess.get_session_options()
+            out["ort_intra_op_threads"] = so.intra_op_num_threads
+            out["ort_graph_optimization"] = str(so.graph_optimization_level)
+        elif backend == "openvino":
+            cm = inner.request  # optimum-intel keeps the CompiledModel here (not yet an InferRequest)
+            for prop in ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS"):
+                try:
+                    out[f"ov_{prop}"] = str(cm.get_property(prop))
+                except Exception as e:  # noqa: BLE001 - a property a version lacks is just not reported
+                    out[f"ov_{prop}"] = f"n/a ({type(e).__name__})"
+    except Exception as e:  # noqa: BLE001 - informative only
+        out["engine_settings_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def batching_settings(args, info) -> dict:
+    """The pipeline's batching settings: as its own run resolved them (passed by the parent from
+    report.json), else resolved here from the pipeline's defaults."""
+    import json
+
+    if args.batching:
+        return json.loads(args.batching)
+    from pipeline.config import RunConfig, resolve
+
+    s = resolve(RunConfig(), info)
+    return {"max_batch_tokens": s.max_batch_tokens, "max_batch_size": s.max_batch_size, "pad_multiple": s.pad_multiple}
+
+
+# ----------------------------------------------------------------------------- 4. onnxruntime on paddle2onnx
+
+
+def run_ort(args, clock: Clock) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.batching import pad_batch, plan_batches
+    from pipeline.modeldir import load_model_info
+    from pipeline.tokenizer import WordPieceTokenizer
+
+    info = load_model_info(args.runtime_model)
+    bs = batching_settings(args, info)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(args.onnx), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    tok = WordPieceTokenizer(info.vocab_file, info.tokenizer)
+    load_done = time.perf_counter()
+
+    t0 = time.perf_counter()
+    with clock("read"):
+        data = read_pairs(args.data)
+    texts, qi, di = distinct(data)
+    with clock("tokenize"):
+        enc = tok.encode_single(texts, info.max_seq_len)
+        batches = plan_batches(enc.lengths, bs["max_batch_tokens"], bs["max_batch_size"], bs["pad_multiple"])
+    emb = None
+    for b in batches:
+        with clock("pad"):
+            ids, types, mask = pad_batch(enc, b, tok.pad_id)
+        with clock("infer"):
+            out = sess.run(None, dict(zip(names, (ids, types, mask))))[0]
+        if emb is None:
+            emb = np.empty((len(texts), out.shape[1]), dtype=np.float32)
+        emb[b.rows] = out
+    with clock("cosine"):
+        scores = cosines(emb, qi, di)
+    seconds = time.perf_counter() - t0
+    return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": len(texts),
+            "real_tokens": int(enc.lengths.sum()), "padded_tokens": int(sum(b.padded_tokens for b in batches)),
+            "batches": len(batches), "dedupe": True, "precision": "fp32",
+            "settings": {**bs, "onnx": str(args.onnx), "intra_op_threads": args.threads,
+                         "graph_optimization": "ORT_ENABLE_ALL", "tokenizer": "pipeline WordPieceTokenizer, in-process"},
+            "versions": versions(["onnxruntime", "tokenizers", "numpy"])}
+
+
+# ----------------------------------------------------------------------------- diagnosis: engines alone
+
+
+def run_engine(args, clock: Clock, engine: str) -> dict:
+    """The inference engine alone on the pipeline's batches of the distinct texts, two passes:
+    the first includes whatever each new batch shape costs the engine the first time (oneDNN
+    primitive creation, ...), the second shows the steady-state kernels."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.batching import pad_batch, plan_batches
+    from pipeline.modeldir import load_model_info
+    from pipeline.tokenizer import WordPieceTokenizer
+
+    info = load_model_info(args.runtime_model)
+    bs = batching_settings(args, info)
+    if engine == "paddle":
+        from pipeline.predictor import PaddlePredictor, PredictorSettings
+
+        pred = PaddlePredictor(info, PredictorSettings(threads=args.threads))
+        run = pred.run
+    else:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(args.onnx), so, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+
+        def run(*arrays):
+            return sess.run(None, dict(zip(names, arrays)))[0]
+    load_done = time.perf_counter()
+    data = read_pairs(args.data)
+    texts, qi, di = distinct(data)
+    tok = WordPieceTokenizer(info.vocab_file, info.tokenizer)
+    enc = tok.encode_single(texts, info.max_seq_len)
+    batches = plan_batches(enc.lengths, bs["max_batch_tokens"], bs["max_batch_size"], bs["pad_multiple"])
+    padded = [pad_batch(enc, b, tok.pad_id) for b in batches]
+    per_batch = [[len(b.rows), b.seq_len] for b in batches]
+    emb = np.empty((len(texts), 384), dtype=np.float32)
+    passes = []
+    for p in range(2):
+        t_pass = time.perf_counter()
+        for b, arrays, row in zip(batches, padded, per_batch):
+            t0 = time.perf_counter()
+            emb[b.rows] = run(*arrays)
+            row.append(time.perf_counter() - t0)
+        passes.append(time.perf_counter() - t_pass)
+    scores = cosines(emb, qi, di)
+    padded_tokens = int(sum(b.padded_tokens for b in batches))
+    return {"scores": scores, "load_done": load_done, "seconds": passes[1], "texts_encoded": len(texts),
+            "real_tokens": int(enc.lengths.sum()), "padded_tokens": padded_tokens, "batches": len(batches),
+            "dedupe": True, "precision": "fp32", "engine": engine, "pass_seconds": passes,
+            "padded_tokens_per_second_warm": padded_tokens / passes[1],
+            "distinct_shapes": len({(r[0], r[1]) for r in per_batch}),
+            "per_batch": per_batch,  # [rows, seq_len, first pass s, second pass s]
+            "versions": versions(["paddlepaddle", "onnxruntime", "numpy"])}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("system", choices=["baseline", "st-torch", "st-onnx", "st-openvino", "ort-p2o", "engine-paddle",
+                                       "engine-ort"])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model-dir", type=Path, default=None, help="st-*: the sentence-transformers folder")
+    ap.add_argument("--onnx", type=Path, default=None, help="ort-p2o: the exported model")
+    ap.add_argument("--runtime-model", type=Path, default=None, help="ort-p2o: our runtime model directory")
+    ap.add_argument("--batching", default=None,
+                    help="ort-p2o, engine-*: JSON {max_batch_tokens, max_batch_size, pad_multiple} as the pipeline "
+                         "resolved them (default: resolved from the pipeline's defaults)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock = Clock()
+    try:
+        if args.system == "baseline":
+            r = run_baseline(args, clock)
+        elif args.system == "ort-p2o":
+            r = run_ort(args, clock)
+        elif args.system.startswith("engine-"):
+            r = run_engine(args, clock, args.system[7:])
+        else:
+            r = run_st(args, clock, args.system[3:])
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which goes on with the others
+        dump(args.out / "result.json", {"system": args.system, "error": f"{type(e).__name__}: {e}",
+                                        "traceback": traceback.format_exc()})
+        traceback.print_exc()
+        return 1
+    write_scores(args.out / "scores.txt", r.pop("scores"))
+    load_done = r.pop("load_done")
+    r.update(system=args.system, threads=args.threads, load_seconds=load_done - T_PROCESS,
+             stage_seconds=clock.seconds, pid=os.getpid())
+    dump(args.out / "result.json", r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
