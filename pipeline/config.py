@@ -61,7 +61,7 @@ class RunConfig:
     mode: str | None = None  # None: the model's own mode
     columns: ColumnMap = field(default_factory=ColumnMap)
     max_seq_len: int | None = None  # None: the model's
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 4096  # bounds activation memory: Paddle keeps each op's output per batch
     max_batch_size: int = 64
     pad_multiple: int | None = None  # batch lengths rounded up to a multiple; None: 1 on CPU, 8 on GPU
     device: str = "cpu"  # 'cpu' | 'gpu'
