@@ -14,6 +14,7 @@ paddle is imported only through `create_backend`, so everything else here runs w
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -69,6 +70,21 @@ def _init_worker(vocab_file: str, tok: TokenizerSettings, id_map_file: str | Non
     global _TOKENIZER, _ID_MAP
     _TOKENIZER = WordPieceTokenizer(vocab_file, tok)
     _ID_MAP = load_id_map(Path(id_map_file)) if id_map_file else None
+
+
+def _init_worker_process(*args) -> None:
+    """A worker process: as `_init_worker`, and exit when the run's process is gone. A worker
+    blocked on the task queue never notices on its own when its parent is SIGKILLed (the queue's
+    pipe has other holders), and would linger holding memory."""
+    _init_worker(*args)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _apply_id_map(enc: Encoded, unk_id: int) -> int:
@@ -372,7 +388,7 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
     pad_id = tok.pad_id if id_map is None else int(load_id_map(model.id_map_file)[tok.pad_id])
     if settings.workers > 0:
         executor = ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker,
+                                       initializer=_init_worker_process,
                                        initargs=(str(model.vocab_file), model.tokenizer, id_map))
         # Start the workers now so that they boot while the predictor loads (~2 s otherwise
         # spent waiting for them on the first chunk).

@@ -78,9 +78,14 @@ def test_sigkill_then_resume_is_byte_identical(data, tiny_cross_dir, reference, 
         _wait_for_windows(proc, out, kill_after_windows)
     else:
         time.sleep(0.5)  # during start-up, before any commit
+    workers = _children(proc.pid)
     proc.kill()
     proc.wait()
     assert not (out / "report.json").exists()
+    deadline = time.time() + 5  # tokenizer workers notice their parent is gone and exit
+    while any(Path(f"/proc/{k}").exists() and b"zombie" not in _state(k) for k in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [k for k in workers if Path(f"/proc/{k}").exists() and b"zombie" not in _state(k)]
     # a part written after the last manifest (a kill between the two) must be ignored
     partial = out / ".partial"
     if partial.exists():
@@ -122,6 +127,13 @@ def test_interrupt_stops_quickly_and_resumes(data, tiny_cross_dir, reference, tm
     r = subprocess.run(_cmd(data, tiny_cross_dir, out, "--resume"), cwd=REPO_ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     _same_results(reference, out)
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes().lower()
+    except OSError:
+        return b"zombie"
 
 
 def _children(pid: int) -> list[int]:
