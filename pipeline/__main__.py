@@ -35,6 +35,17 @@ def default_model() -> ModelInfo:
     return load_model_info(dst)
 
 
+def _add_column_flags(p) -> None:
+    """--col-qid, --col-query, ...: which input column holds each field (see ColumnMap)."""
+    for field in ColumnMap.__dataclass_fields__:
+        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
+                       help=f"input column holding {field}")
+
+
+def _columns(args) -> ColumnMap:
+    return ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__})
+
+
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="score and rank a dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", type=Path, default=[DEFAULT_INPUT],
@@ -65,9 +76,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--run-tag", default=d.run_tag, help="tag in the TREC run file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for a terminal)")
-    for field in ("qid", "query", "doc_id", "doc", "label", "input_ids", "token_type_ids"):
-        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
-                       help=f"input column holding {field}")
+    _add_column_flags(p)
 
 
 def _convert_parser(sub) -> None:
@@ -98,9 +107,7 @@ def _prune_parser(sub) -> None:
                         "are roughly ordered by frequency; vocab.txt holds no counts)")
     p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-pruned)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
-    for field in ("qid", "query", "doc_id", "doc", "label", "input_ids", "token_type_ids"):
-        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
-                       help=f"input column holding {field}")
+    _add_column_flags(p)
 
 
 def _quantize_parser(sub) -> None:
@@ -123,9 +130,7 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-int8)")
     p.add_argument("--force", action="store_true",
                    help="overwrite --out, and write the model even if it fails the gate (marked failing in model.json)")
-    for field in ("qid", "query", "doc_id", "doc", "label", "input_ids", "token_type_ids"):
-        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
-                       help=f"input column holding {field}")
+    _add_column_flags(p)
 
 
 def _run(args) -> int:
@@ -133,7 +138,7 @@ def _run(args) -> int:
 
     cfg = RunConfig(
         inputs=tuple(args.inputs), model=args.model, out_dir=args.out, mode=args.mode, max_seq_len=args.max_seq_len,
-        columns=ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__}),
+        columns=_columns(args),
         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, device=args.device, precision=args.precision,
         tensorrt=args.tensorrt, trt_varlen=args.trt_varlen, workers=args.workers,
         threads=args.threads, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
@@ -186,7 +191,7 @@ def _convert(args) -> int:
 def _prune(args) -> int:
     from pipeline.prune import prune_vocab
 
-    columns = ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__})
+    columns = _columns(args)
     dst = prune_vocab(args.model_dir, args.data, args.out, keep_top=args.keep_top, force=args.force,
                       columns=columns, name=args.name)
     info = load_model_info(dst)
@@ -204,7 +209,7 @@ def _quantize(args) -> int:
 
     if args.max_loss_rate < 0 or args.calib_sequences < 1:
         raise ConversionError("--max-loss-rate must be >= 0 and --calib-sequences >= 1")
-    columns = ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__})
+    columns = _columns(args)
     dst, gate = quantize(args.model_dir, args.calib, args.out, force=args.force, columns=columns, name=args.name,
                          settings=QuantSettings(algo=args.algo, calib_sequences=args.calib_sequences),
                          max_loss_rate=args.max_loss_rate, threads=args.threads,
