@@ -72,12 +72,14 @@ def _init_worker(vocab_file: str, tok: TokenizerSettings, id_map_file: str | Non
     _ID_MAP = load_id_map(Path(id_map_file)) if id_map_file else None
 
 
-def _init_worker_process(*args) -> None:
-    """A worker process: as `_init_worker`, and exit when the run's process is gone. A worker
-    blocked on the task queue never notices on its own when its parent is SIGKILLed (the queue's
-    pipe has other holders), and would linger holding memory."""
+def _init_worker_process(parent: int, *args) -> None:
+    """A worker process: as `_init_worker`, and exit when the run's process (`parent`) is gone.
+    A worker blocked on the task queue never notices on its own when its parent is SIGKILLed (the
+    queue's pipe has other holders), and would linger holding memory. The parent's pid comes from
+    the parent itself: a worker still booting when the parent died is already orphaned here."""
+    if os.getppid() != parent:
+        os._exit(1)
     _init_worker(*args)
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -389,7 +391,7 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
     if settings.workers > 0:
         executor = ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_init_worker_process,
-                                       initargs=(str(model.vocab_file), model.tokenizer, id_map))
+                                       initargs=(os.getpid(), str(model.vocab_file), model.tokenizer, id_map))
         # Start the workers now so that they boot while the predictor loads (~2 s otherwise
         # spent waiting for them on the first chunk).
         warm = [executor.submit(_ready) for _ in range(settings.workers)]
