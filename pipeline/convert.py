@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,14 +25,14 @@ import numpy as np
 from pipeline import __version__
 from pipeline.modeldir import (
     FORMAT_VERSION,
-    MODEL_JSON,
-    PARAMS_FILE,
     VOCAB_FILE,
     ModelDirError,
     ModelInfo,
     count_vocab,
     load_model_info,
     sha256_file,
+    staged_dir,
+    write_model_json,
 )
 
 
@@ -386,23 +385,13 @@ def save_runtime_dir(model, meta: dict, vocab_file: Path, dst: Path, check: Call
     checksums) into a temporary directory beside `dst`, run `check` on it, and only then move it
     into place, replacing `dst` (callers refuse an existing `dst` without --force beforehand).
     A failed export or check leaves nothing behind, so a directory that exists is complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    tmp.chmod(0o755)
-    try:
-        export_model(model, tmp)
-        shutil.copyfile(vocab_file, tmp / VOCAB_FILE)
+    with staged_dir(dst) as stage:
+        export_model(model, stage.path)
+        shutil.copyfile(vocab_file, stage.path / VOCAB_FILE)
         for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_bytes(data)
-        meta = {**meta, "params_sha256": sha256_file(tmp / PARAMS_FILE), "vocab_sha256": sha256_file(tmp / VOCAB_FILE)}
-        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        check(load_model_info(tmp))
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (stage.path / fname).write_bytes(data)
+        write_model_json(stage.path, meta)
+        check(load_model_info(stage.path))
     return dst
 
 

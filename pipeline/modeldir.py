@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -177,3 +181,43 @@ def _check_pruned(info: ModelInfo, meta_path: Path, check_vocab: bool) -> ModelI
                 f"(values {int(id_map.min())}..{int(id_map.max())}); {fix}"
             )
     return replace(info, id_map_file=map_file)
+
+
+def write_model_json(folder: Path, meta: dict, json_default=None) -> None:
+    """model.json for a runtime directory whose program, params and vocab are already written;
+    the params and vocab checksums are computed here so they always describe those files."""
+    meta = {**meta, "params_sha256": sha256_file(folder / PARAMS_FILE), "vocab_sha256": sha256_file(folder / VOCAB_FILE)}
+    (folder / MODEL_JSON).write_text(json.dumps(meta, indent=2, default=json_default) + "\n", encoding="utf-8")
+
+
+class Staging:
+    """A runtime directory being written: `path` to fill; `discard()` to drop it at the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.keep = True
+
+    def discard(self) -> None:
+        self.keep = False
+
+
+@contextmanager
+def staged_dir(dst: Path) -> Iterator[Staging]:
+    """Write a runtime directory in a temporary folder beside `dst` and move it into place only
+    when the block ends normally (replacing `dst`; callers refuse an existing `dst` without
+    --force beforehand). A failure or `discard()` leaves nothing behind, so a directory that
+    exists is complete."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = Staging(Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent)))
+    stage.path.chmod(0o755)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage.path, ignore_errors=True)
+        raise
+    if not stage.keep:
+        shutil.rmtree(stage.path, ignore_errors=True)
+        return
+    if dst.exists():
+        shutil.rmtree(dst)
+    stage.path.rename(dst)

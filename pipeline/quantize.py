@@ -29,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,11 +45,12 @@ from pipeline.modeldir import (
     MODEL_JSON,
     PARAMS_FILE,
     PROGRAM_FILE,
-    VOCAB_FILE,
     ModelInfo,
     load_id_map,
     load_model_info,
     sha256_file,
+    staged_dir,
+    write_model_json,
 )
 from pipeline.ranking import ranking_metrics
 from pipeline.reader import ColumnMap, DatasetReader, list_input_files
@@ -338,10 +337,8 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
     log(f"calibrating on {sum(len(b['input_ids']) for b in batches)} sequences of {len(calib_rows)} rows "
         f"({len(batches)} batches); gate on {len(gate_rows)} held-out rows")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out) as stage:
+        tmp = stage.path
         t0 = time.perf_counter()
         quantize_program(info, batches, tmp, settings)
         quant_seconds = time.perf_counter() - t0
@@ -380,20 +377,14 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
         _write_meta(tmp, meta)
         load_model_info(tmp)
         if not gate.passed and not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return None, gate
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            stage.discard()
+    if not gate.passed and not force:
+        return None, gate
     return out, gate
 
 
 def _write_meta(d: Path, meta: dict) -> None:
-    meta = {**meta, "params_sha256": sha256_file(d / PARAMS_FILE), "vocab_sha256": sha256_file(d / VOCAB_FILE)}
-    (d / MODEL_JSON).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    write_model_json(d, meta, json_default=_json_default)
 
 
 def _json_default(o):

@@ -454,8 +454,6 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
             tally.rows_rejected += 1
             tally.file(r.file)["rejected"] += 1
         scored = {k: (np.concatenate(v) if k not in ("qid", "doc_id") else v) if v else [] for k, v in cols.items()}
-        if not cols["row"]:
-            scored = {k: [] for k in cols}
         tally.read_seconds = read_seconds_before + feeder.read_seconds
         tally.write_seconds += time.perf_counter() - t1
         store.commit_window(scored, sorted(rejects, key=lambda r: r.row), chunks_done, tally.to_dict())
