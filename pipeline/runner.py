@@ -19,7 +19,8 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -43,7 +44,10 @@ class RunError(Exception):
 
 
 class Backend(Protocol):
-    """The engine behind one small interface: a padded batch in, scores or embeddings out."""
+    """The engine behind one small interface: a padded batch in, scores or embeddings out.
+    `run` may be called from `concurrency` threads at once."""
+
+    concurrency: int
 
     def run(self, input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
@@ -53,7 +57,7 @@ def create_backend(info: ModelInfo, settings: Settings) -> Backend:
 
     try:
         return PaddlePredictor(info, PredictorSettings(
-            threads=settings.threads, device=settings.device, precision=settings.precision,
+            threads=settings.threads_per_stream, streams=settings.streams, device=settings.device, precision=settings.precision,
             tensorrt=settings.tensorrt, trt_varlen=settings.trt_varlen,
             trt_max_seq_len=settings.max_seq_len, trt_max_batch=settings.max_batch_size))
     except GpuUnavailable as e:
@@ -283,19 +287,46 @@ class Scorer:
 
     def __init__(self, backend: Backend, settings: Settings, pad_id: int, tally: Tally, stop: threading.Event):
         self.backend, self.s, self.pad_id, self.tally, self.stop = backend, settings, pad_id, tally, stop
+        n = getattr(backend, "concurrency", 1)
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="stream") if n > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _outputs(self, enc: Encoded, batches: list):
+        """Backend outputs of `batches` in order. With several streams, up to two batches per
+        stream are in flight, so a stream never waits for the main thread."""
+        def run_one(batch):
+            return self.backend.run(*pad_batch(enc, batch, self.pad_id))
+
+        if self._pool is None:
+            for batch in batches:
+                if self.stop.is_set():
+                    raise Interrupted("interrupted")
+                yield run_one(batch)
+            return
+        ahead = 2 * self.backend.concurrency
+        pending: deque[Future] = deque()
+        try:
+            for i in range(len(batches)):
+                while len(pending) < ahead and i + len(pending) < len(batches):
+                    if self.stop.is_set():
+                        raise Interrupted("interrupted")
+                    pending.append(self._pool.submit(run_one, batches[i + len(pending)]))
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            wait(pending)  # no stream may still write into a batch the caller has given up on
 
     def infer(self, enc: Encoded, on_batch) -> np.ndarray:
         """Every sequence of `enc` through the backend in length-sorted batches; outputs in
         `enc`'s order."""
         batches = plan_batches(enc.lengths, self.s.max_batch_tokens, self.s.max_batch_size, self.s.pad_multiple)
         out = None
-        for batch in batches:
-            if self.stop.is_set():
-                raise Interrupted("interrupted")
-            arrays = pad_batch(enc, batch, self.pad_id)
-            t0 = time.perf_counter()
-            res = self.backend.run(*arrays)
-            self.tally.infer_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for batch, res in zip(batches, self._outputs(enc, batches)):
             assert res.shape[0] == len(batch.rows), f"backend returned {res.shape[0]} rows for {len(batch.rows)}"
             if out is None:
                 out = np.empty((len(enc),) + res.shape[1:], dtype=res.dtype)
@@ -303,6 +334,7 @@ class Scorer:
             self.tally.padded_tokens += batch.padded_tokens
             self.tally.batches += 1
             on_batch(len(batch.rows))
+        self.tally.infer_seconds += time.perf_counter() - t0
         self.tally.sequences += len(enc)
         self.tally.tokens += int(enc.lengths.sum())
         return out if out is not None else np.empty((0,), dtype=np.float32)
@@ -503,6 +535,7 @@ def run(cfg: RunConfig, model: ModelInfo) -> dict:
         raise
     finally:
         feeder.stop.set()
+        scorer.close()
         executor.shutdown(wait=False, cancel_futures=True)
         if in_main:
             for sig, handler in previous.items():

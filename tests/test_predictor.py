@@ -2,6 +2,8 @@
 here: the CPU build refuses TensorRT calls, so the plan is checked as data and the part the CPU
 build accepts is applied to a real Config)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,52 @@ def test_predictor_runs_and_checks_shapes(info):
     assert out.shape == (2, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
     with pytest.raises(AssertionError, match="share one"):
         p.run(ids, np.zeros((2, 4), np.int64), np.ones((2, 5), np.float32))
+
+
+def test_streams_share_weights_and_give_the_single_predictor_outputs(info):
+    import threading
+
+    single = PaddlePredictor(info, PredictorSettings(threads=1))
+    multi = PaddlePredictor(info, PredictorSettings(threads=1, streams=3))
+    assert multi.concurrency == 3
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(5, 100, size=(4, n)).astype(np.int64) for n in (3, 9, 17, 9, 3, 30)]
+    want = [single.run(b, np.zeros_like(b), np.ones(b.shape, np.float32)) for b in batches]
+    got = [None] * len(batches)
+
+    def work(k):
+        for i in range(k, len(batches), 3):
+            got[i] = multi.run(batches[i], np.zeros_like(batches[i]), np.ones(batches[i].shape, np.float32))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, g in zip(want, got):
+        assert np.array_equal(w, g)
+
+
+def test_attention_transposes_fold_into_the_matmuls(info, tmp_path):
+    """The exported program gives transpose2 its XShape, so oneDNN folds the attention output's
+    transpose + reshape into the matmul: none may be left in the optimised program (the check
+    fails on a program exported without `add_transpose_xshape`)."""
+    import sys
+    from collections import Counter
+
+    from paddle.base.proto import framework_pb2
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from show_program_ops import op_counts
+
+    exported = framework_pb2.ProgramDesc.FromString(info.program_file.read_bytes())
+    transposes = [op for op in exported.blocks[0].ops if op.type == "transpose2"]
+    assert transposes and all(any(o.parameter == "XShape" for o in op.outputs) for op in transposes)
+    p = PaddlePredictor(info, PredictorSettings(threads=1, save_optimized_program_to=str(tmp_path)))
+    ids = np.ones((2, 5), np.int64)
+    p.run(ids, np.zeros_like(ids), np.ones((2, 5), np.float32))
+    ops: Counter = op_counts(tmp_path / "_optimized.pdmodel")
+    layers = info.num_hidden_layers
+    assert ops["transpose2"] == 0 and ops["reshape2"] == 0, ops
+    assert ops["fc"] == 4 * layers and ops["fused_matmul"] == 2 * layers, ops
+    assert ops["dropout"] == 0, ops

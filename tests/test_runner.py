@@ -114,7 +114,7 @@ def test_file_level_error_exits_nonzero_and_leaves_no_output(tiny_cross_dir, tmp
 
 def test_workers_and_batch_settings_do_not_change_results(small_sample, tiny_cross_dir, tmp_path):
     outs = []
-    for i, extra in enumerate([["--workers", "0"], ["--workers", "2"],
+    for i, extra in enumerate([["--workers", "0", "--threads", "1"], ["--workers", "2", "--threads", "2", "--streams", "2"],
                                ["--workers", "1", "--chunk-rows", "37", "--window-rows", "100",
                                 "--max-batch-tokens", "1024", "--max-batch-size", "7"]]):
         out = tmp_path / f"out{i}"
@@ -122,7 +122,8 @@ def test_workers_and_batch_settings_do_not_change_results(small_sample, tiny_cro
                      "--no-progress", *extra]) == 0
         outs.append(out)
     base_pred = (outs[0] / "predictions.tsv").read_text()
-    for name in ("predictions.tsv", "ranked.tsv", "run.trec", "rejects.tsv"):  # worker count: byte-identical
+    # worker and stream counts (each stream single-threaded like the base run): byte-identical
+    for name in ("predictions.tsv", "ranked.tsv", "run.trec", "rejects.tsv"):
         assert (outs[1] / name).read_bytes() == (outs[0] / name).read_bytes()
     s0 = np.array([float(l.split("\t")[2]) for l in base_pred.splitlines()])
     for out in outs[1:]:
@@ -166,6 +167,91 @@ def test_impossible_settings_are_refused_at_startup(tiny_cross_dir, small_sample
         run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, precision="fp16"), info)
     with pytest.raises(ConfigError, match="--tensorrt and --precision fp16"):
         run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, device="gpu", trt_varlen=True), info)
+    with pytest.raises(ConfigError, match="each stream needs a thread"):
+        run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, threads=2, streams=3), info)
+    with pytest.raises(ConfigError, match="streams > 1 is for the CPU"):
+        run(RunConfig(inputs=(small_sample,), out_dir=tmp_path, device="gpu", threads=2, streams=2), info)
+
+
+def test_streams_default_is_capped_by_threads_and_splits_them(tiny_cross_dir):
+    from pipeline.config import STREAMS_DEFAULT, resolve
+
+    info = load_model_info(tiny_cross_dir)
+    assert resolve(RunConfig(threads=1), info).streams == 1
+    s = resolve(RunConfig(threads=4), info)
+    assert s.streams == min(STREAMS_DEFAULT, 4) and s.threads_per_stream == 4 // s.streams
+    s = resolve(RunConfig(threads=5, streams=2), info)
+    assert (s.streams, s.threads_per_stream) == (2, 2)
+
+
+class _SlowBackend:
+    """Backend double: scores = first token id; later batches finish first, on several threads."""
+
+    def __init__(self, concurrency):
+        import threading
+
+        self.concurrency, self.threads, self.calls, self._lock = concurrency, set(), 0, threading.Lock()
+
+    def run(self, ids, types, mask):
+        import threading
+        import time
+
+        with self._lock:
+            self.calls += 1
+            self.threads.add(threading.get_ident())
+        time.sleep(0.02 / ids.shape[1])  # long batches are quick, so results arrive out of order
+        return ids[:, 0].astype(np.float32)
+
+
+def _scorer(info, backend, stop=None):
+    import threading
+
+    from pipeline.config import resolve
+    from pipeline.runner import Scorer, Tally
+
+    settings = resolve(RunConfig(threads=2, streams=2, max_seq_len=20, max_batch_size=3, max_batch_tokens=64), info)
+    return Scorer(backend, settings, 0, Tally(), stop or threading.Event())
+
+
+def test_concurrent_streams_keep_every_output_in_its_row(tiny_cross_dir):
+    from pipeline.tokenizer import Encoded, Ragged
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 20, size=40)
+    ids = [np.concatenate([[1000 + i], np.full(n - 1, 5)]).astype(np.int32) for i, n in enumerate(lengths)]
+    enc = Encoded(Ragged.from_lists(ids), Ragged.from_lists([np.zeros(len(x), np.int32) for x in ids]))
+    backend = _SlowBackend(concurrency=2)
+    scorer = _scorer(load_model_info(tiny_cross_dir), backend)
+    try:
+        out = scorer.infer(enc, lambda n: None)
+    finally:
+        scorer.close()
+    assert np.array_equal(out, 1000 + np.arange(40)), "outputs must land in their sequences' rows"
+    assert backend.calls > 2 and len(backend.threads) == 2, "batches must run on both streams"
+
+
+def test_interrupt_stops_concurrent_streams(tiny_cross_dir):
+    import threading
+
+    from pipeline.runner import Interrupted
+    from pipeline.tokenizer import Encoded, Ragged
+
+    ids = [np.full(5, 7, np.int32) for _ in range(60)]
+    enc = Encoded(Ragged.from_lists(ids), Ragged.from_lists([np.zeros(5, np.int32) for _ in ids]))
+    stop = threading.Event()
+    backend = _SlowBackend(concurrency=2)
+    scorer = _scorer(load_model_info(tiny_cross_dir), backend, stop)
+    done = []
+
+    def on_batch(n):
+        done.append(n)
+        if len(done) == 2:
+            stop.set()
+
+    with pytest.raises(Interrupted):
+        scorer.infer(enc, on_batch)
+    scorer.close()
+    assert backend.calls <= 2 + 2 * 2, "no batch may start once the stop is seen beyond those in flight"
 
 
 def test_gpu_asked_on_a_cpu_install_fails_with_what_is_missing(tiny_cross_dir, small_sample, tmp_path, capsys):
