@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import DEFAULT_INPUT, RunConfig, cpu_count  # noqa: E402
+from pipeline.config import DEFAULT_INPUT, STREAMS_DEFAULT, RunConfig, cpu_count  # noqa: E402
 
 
 def build_dataset(path: Path, pairs: int) -> tuple[int, list[str]]:
@@ -49,7 +49,11 @@ def build_dataset(path: Path, pairs: int) -> tuple[int, list[str]]:
     return copies * len(rows), list(texts)
 
 
-def predictor_alone(model_dir: Path, texts: list[str], threads: int, repeats: int) -> dict:
+def predictor_alone(model_dir: Path, texts: list[str], threads: int, streams: int, repeats: int) -> dict:
+    """The same batches through the predictor alone, dispatched as the run dispatches them
+    (with several streams: a thread per stream, batches taken in order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.batching import pad_batch, plan_batches
     from pipeline.modeldir import load_model_info
     from pipeline.predictor import PaddlePredictor, PredictorSettings
@@ -61,14 +65,15 @@ def predictor_alone(model_dir: Path, texts: list[str], threads: int, repeats: in
     enc = tok.encode_single(texts, info.max_seq_len)
     batches = plan_batches(enc.lengths, d.max_batch_tokens, d.max_batch_size)
     padded = [pad_batch(enc, b, tok.pad_id) for b in batches]
-    pred = PaddlePredictor(info, PredictorSettings(threads=threads))
-    pred.run(*padded[0])  # warm-up: oneDNN primitive creation for the first shape
+    pred = PaddlePredictor(info, PredictorSettings(threads=max(1, threads // streams), streams=streams))
+    pool = ThreadPoolExecutor(streams)
+    list(pool.map(lambda a: pred.run(*a), padded[:streams]))  # warm-up: oneDNN primitives for the first shape
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for arrays in padded:
-            pred.run(*arrays)
+        list(pool.map(lambda a: pred.run(*a), padded))
         times.append(time.perf_counter() - t0)
+    pool.shutdown()
     return {"seconds": times, "median": statistics.median(times), "batches": len(batches),
             "sequences": len(enc), "tokens": int(enc.lengths.sum()),
             "padded_tokens": int(sum(b.padded_tokens for b in batches))}
@@ -79,10 +84,12 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=20000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--streams", type=int, default=None, help="default: the run's default")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out")
     ap.add_argument("--out", type=Path, default=None, help="JSON report (default: WORKDIR/pipeline.json)")
     args = ap.parse_args()
     threads = args.threads or cpu_count()
+    streams = args.streams or min(STREAMS_DEFAULT, threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.workdir / "bench_pairs.tsv"
     n_pairs, texts = build_dataset(data, args.pairs)
@@ -95,12 +102,12 @@ def main() -> int:
         out = args.workdir / "run"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pipeline", "run", str(data), "--out", str(out), "--no-progress",
-                        "--threads", str(threads)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                        "--threads", str(threads), "--streams", str(streams)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
         rep = json.loads((out / "report.json").read_text())
         runs.append({"wall": wall, "report": rep})
         print(f"run {i + 1}: {wall:.2f} s wall, report total {rep['seconds']['total']:.2f} s", file=sys.stderr)
-    alone = predictor_alone(model.path, texts, threads, args.repeats)
+    alone = predictor_alone(model.path, texts, threads, streams, args.repeats)
 
     med = lambda xs: statistics.median(xs)  # noqa: E731
     wall = med([r["wall"] for r in runs])
@@ -112,6 +119,7 @@ def main() -> int:
         "pairs": n_pairs,
         "distinct_texts": len(texts),
         "threads": threads,
+        "streams": streams,
         "workers": rep["settings"]["workers"],
         "repeats": args.repeats,
         "pipeline": {
@@ -138,7 +146,7 @@ def main() -> int:
 
     rows = [
         ("pairs / distinct texts", f"{n_pairs} / {len(texts)}"),
-        ("threads / tokenizer workers", f"{threads} / {result['workers']}"),
+        ("threads / streams / tokenizer workers", f"{threads} / {streams} / {result['workers']}"),
         ("pipeline process wall (median)", f"{wall:.2f} s"),
         ("pipeline report total (median)", f"{total:.2f} s (startup {startup:.2f} s)"),
         ("  of which predictor.run", f"{infer:.2f} s"),
