@@ -90,6 +90,10 @@ def _convert_parser(sub) -> None:
                    help="scoring mode (default: cross if the checkpoint has a classifier, else bi)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--name", default=None, help="model name recorded in model.json")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="attention layout of the export: cpu = one fused QKV projection (fastest with oneDNN); "
+                        "gpu = separate q/k/v projections, the pattern Paddle's GPU/TensorRT multi-head attention "
+                        "fusion needs (same outputs; slower on the CPU)")
     p.add_argument("--force", action="store_true", help="overwrite DST")
 
 
@@ -129,6 +133,9 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--algo", default="abs_max", choices=["abs_max", "avg", "hist", "KL", "mse", "emd"],
                    help="activation range calibration (PaddleSlim)")
     p.add_argument("--calib-sequences", type=int, default=256, help="sequences fed to calibration (at most)")
+    p.add_argument("--int8-linears", default="qkv,attn_out",
+                   help="Linear kinds that run int8, comma-separated from qkv, attn_out, ffn_in, ffn_out; the "
+                        "others stay fp32 (all four: fastest, but fails the gate on AVX2 CPUs without VNNI)")
     p.add_argument("--threads", type=int, default=None, help="predictor threads for the gate (default: core count)")
     p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-int8)")
     p.add_argument("--force", action="store_true",
@@ -184,9 +191,10 @@ def format_summary(report: dict, out_dir: Path) -> str:
 def _convert(args) -> int:
     from pipeline.convert import convert
 
-    dst = convert(args.src, args.dst, mode=args.mode, force=args.force, max_seq_len=args.max_seq_len, name=args.name)
+    dst = convert(args.src, args.dst, mode=args.mode, force=args.force, max_seq_len=args.max_seq_len, name=args.name,
+                  target=args.target)
     info = load_model_info(dst)
-    print(f"converted {args.src} -> {dst} ({info.name}, mode {info.mode}, max_seq_len {info.max_seq_len}, "
+    print(f"converted {args.src} -> {dst} ({info.name}, {args.target} layout, mode {info.mode}, max_seq_len {info.max_seq_len}, "
           f"{info.num_hidden_layers} layers, hidden {info.hidden_size}, vocab {info.vocab_size})")
     return 0
 
@@ -210,11 +218,18 @@ def _quantize(args) -> int:
     from pipeline.convert import ConversionError
     from pipeline.quantize import QuantSettings, format_gate, quantize
 
+    from pipeline.quantize import LINEAR_KINDS
+
     if args.max_loss_rate < 0 or args.calib_sequences < 1:
         raise ConversionError("--max-loss-rate must be >= 0 and --calib-sequences >= 1")
+    kinds = tuple(k.strip() for k in args.int8_linears.split(",") if k.strip())
+    if not kinds or set(kinds) - set(LINEAR_KINDS):
+        raise ConversionError(f"--int8-linears takes a comma-separated subset of {', '.join(LINEAR_KINDS)}; "
+                              f"got {args.int8_linears!r}")
     columns = _columns(args)
     dst, gate = quantize(args.model_dir, args.calib, args.out, force=args.force, columns=columns, name=args.name,
-                         settings=QuantSettings(algo=args.algo, calib_sequences=args.calib_sequences),
+                         settings=QuantSettings(int8_linears=kinds, algo=args.algo,
+                                                calib_sequences=args.calib_sequences),
                          max_loss_rate=args.max_loss_rate, threads=args.threads,
                          log=lambda m: print(m, file=sys.stderr))
     print(format_gate(gate))

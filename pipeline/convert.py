@@ -10,6 +10,11 @@ The conversion maps names and layouts onto `model.ErnieScorer`, checks every sha
 model, exports it for Paddle Inference into a temporary directory, runs the exported program
 against the dynamic-graph model, and only then moves it into place. It refuses to overwrite an
 existing directory without `force`.
+
+`target` picks the attention layout of the exported program (`model.ErnieConfig.fused_qkv`):
+`cpu` (default) keeps one fused QKV projection, fastest with oneDNN; `gpu` exports separate
+q/k/v projections (slices of the same weights, same outputs), the form Paddle's GPU and TensorRT
+multi-head attention fusion passes match. `model.json` records it as `"attention"`.
 """
 
 from __future__ import annotations
@@ -147,6 +152,27 @@ def _map_paddlenlp(state: dict[str, np.ndarray], n_layers: int, src: Path) -> di
             out[f"{head}.weight"] = _take(state, f"{head}.weight", src)
             out[f"{head}.bias"] = _take(state, f"{head}.bias", src)
     _refuse_leftovers(state, src)
+    return out
+
+
+# --target -> attention layout recorded in model.json ("attention") and ErnieConfig.fused_qkv.
+TARGETS = {"cpu": "fused_qkv", "gpu": "separate_qkv"}
+
+
+def split_qkv(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our fused `qkv_proj` weights -> separate `q_proj`/`k_proj`/`v_proj` (the GPU layout).
+
+    The fused weight is [H, 3H] = [Wq | Wk | Wv] along the output axis (see `_map_hf`), the bias
+    [3H] likewise, so each part is one contiguous third: no value changes."""
+    out: dict[str, np.ndarray] = {}
+    for name, w in weights.items():
+        if ".qkv_proj." not in name:
+            out[name] = w
+            continue
+        if w.shape[-1] % 3:
+            raise ConversionError(f"{name} has shape {tuple(w.shape)}: its last axis is not 3 x hidden")
+        for part, piece in zip("qkv", np.split(w, 3, axis=-1)):
+            out[name.replace(".qkv_proj.", f".{part}_proj.")] = np.ascontiguousarray(piece)
     return out
 
 
@@ -369,10 +395,15 @@ def add_transpose_xshape(program_file: Path) -> int:
 
 
 def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bool = False,
-            max_seq_len: int | None = None, name: str | None = None) -> Path:
-    """Convert checkpoint `src` into runtime directory `dst`; returns `dst`."""
+            max_seq_len: int | None = None, name: str | None = None, target: str = "cpu") -> Path:
+    """Convert checkpoint `src` into runtime directory `dst`; returns `dst`.
+
+    `target` 'cpu' (fused QKV, the fast oneDNN layout) or 'gpu' (separate q/k/v projections,
+    which Paddle's GPU/TensorRT multi-head attention fusion needs; see the module doc)."""
     import zlib  # noqa: F401 - must precede paddle 2.6's first import (it breaks zlib otherwise)
 
+    if target not in TARGETS:
+        raise ConversionError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     src, dst = Path(src), Path(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} exists; pass --force to overwrite it")
@@ -392,7 +423,8 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
     from pipeline.predictor import PaddlePredictor, PredictorSettings
 
     paddle.set_device("cpu")
-    model = build_model(ckpt.config, mode, ckpt.weights)
+    config = {**ckpt.config, "fused_qkv": target == "cpu"}
+    model = build_model(config, mode, ckpt.weights if target == "cpu" else split_qkv(ckpt.weights))
     meta = {
         "format_version": FORMAT_VERSION,
         "name": name or ckpt.name,
@@ -401,7 +433,8 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
         "output": "score" if mode == "cross" else "embedding",
         "max_seq_len": seq,
         "precision": "fp32",
-        "architecture": ckpt.config,
+        "attention": TARGETS[target],
+        "architecture": config,
         "tokenizer": {"lowercase": ckpt.lowercase, "handle_chinese_chars": True, "strip_accents": None},
         "source": {"path": str(src.resolve()), "layout": ckpt.layout, "file": ckpt.weights_file.name,
                    "sha256": sha256_file(ckpt.weights_file)},
@@ -410,7 +443,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
 
     def check(info: ModelInfo) -> None:
         # The exported program, run by the predictor we ship, must reproduce the dynamic-graph model.
-        batch = probe_batch(ckpt.config["vocab_size"])
+        batch = probe_batch(config["vocab_size"])
         with paddle.no_grad():
             want = model(*[paddle.to_tensor(batch[k]) for k in ("input_ids", "token_type_ids", "attention_mask")]).numpy()
         got = PaddlePredictor(info, PredictorSettings(threads=1)).run(**batch)

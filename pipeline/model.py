@@ -8,9 +8,18 @@ scoring heads on top are the two this project needs:
 - `bi`: mean pooling over real tokens, then L2 normalisation; the embedding of one text.
 
 Parameter names follow PaddleNLP's `ErnieModel` (`embeddings.*`, `encoder.layers.N.*`,
-`pooler.dense`, `classifier`) so its checkpoints map one-to-one, except that the three attention
-projections are stored as one `qkv_proj`: one [H, 3H] GEMM is faster than three [H, H] ones on
-the CPU, and the converter concatenates them.
+`pooler.dense`, `classifier`) so its checkpoints map one-to-one, except for the attention
+projections, whose layout is chosen at export (`ErnieConfig.fused_qkv`):
+
+- fused (default, the CPU export): one `qkv_proj` [H, 3H] split into q, k, v: one GEMM is faster
+  than three [H, H] ones on the CPU (oneDNN), and the converter concatenates them.
+- separate (`fused_qkv=False`, the GPU export): `q_proj`, `k_proj`, `v_proj`, slices of the same
+  fused weight, and the 1/sqrt(d) scale applied to q before QK^T (as PaddleNLP's attention does).
+  That is the pattern Paddle's GPU multi-head attention fusion matches
+  (`multihead_matmul_fuse_pass_v2`; TensorRT's `trt_multihead_matmul_fuse_pass_v2` has the same
+  shape): three Linear layers reading one input, each followed by reshape2 + transpose2, a scale
+  on the q branch. A split never matches it, so the CPU export runs unfused attention on a GPU.
+  Both layouts give the same outputs (tests/test_predictor.py).
 
 Only this module, `convert` and `predictor` import paddle.
 """
@@ -42,6 +51,7 @@ class ErnieConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     num_labels: int = 0  # classifier outputs; 0 means the checkpoint has no classifier
+    fused_qkv: bool = True  # one qkv_proj (CPU export) or q/k/v_proj (GPU export, see the module doc)
 
     def __post_init__(self) -> None:
         assert self.hidden_size % self.num_attention_heads == 0, (
@@ -98,7 +108,13 @@ class ErnieLayer(nn.Layer):
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
         self.hidden_size = cfg.hidden_size
-        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.fused_qkv = cfg.fused_qkv
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
         self.linear1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -111,9 +127,14 @@ class ErnieLayer(nn.Layer):
         return t.reshape([0, 0, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
 
     def forward(self, x, attn_bias):
-        q, k, v = paddle.split(self.qkv_proj(x), 3, axis=-1)
-        scores = paddle.matmul(self._heads(q), self._heads(k), transpose_y=True)
-        scores = scores * (1.0 / math.sqrt(self.head_dim)) + attn_bias
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.fused_qkv:
+            q, k, v = paddle.split(self.qkv_proj(x), 3, axis=-1)
+            scores = paddle.matmul(self._heads(q), self._heads(k), transpose_y=True) * scale + attn_bias
+        else:
+            # GPU layout: the scale sits on q, where the multihead_matmul fuse pattern expects it.
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            scores = paddle.matmul(self._heads(q) * scale, self._heads(k), transpose_y=True) + attn_bias
         ctx = paddle.matmul(F.softmax(scores, axis=-1), self._heads(v))
         ctx = ctx.transpose([0, 2, 1, 3]).reshape([0, 0, self.hidden_size])
         x = self.norm1(x + self.out_proj(ctx))

@@ -94,11 +94,22 @@ def gpu_config_calls(info: ModelInfo, settings: PredictorSettings) -> list[tuple
     """The Config calls of the GPU path, as data: (method, args, kwargs) in order.
 
     GPU: FP16 through Paddle's mixed-precision pass with layer norm and softmax kept in fp32,
-    the GPU fusion passes (multi-head attention, embedding + layer norm, skip layer norm: they
-    are in the default GPU pass list when IR optimisation is on), and optionally TensorRT with
-    dynamic shapes and the variable-length ERNIE plugins. Written against Paddle's documented
-    Config API. Kept as data because the CPU build refuses the TensorRT calls, so tests check
-    this plan and apply what the CPU build accepts (see README "Verified here and not")."""
+    the GPU fusion passes (in the default GPU pass list when IR optimisation is on), and
+    optionally TensorRT with dynamic shapes and the variable-length ERNIE plugins. Written against
+    Paddle's documented Config API. Kept as data because the CPU build refuses the TensorRT calls,
+    so tests check this plan and apply what the CPU build accepts (see README "Verified here and
+    not").
+
+    Which export the fusion needs: the multi-head attention fusion (`multihead_matmul_fuse_pass_v2`
+    /`_v3`, and TensorRT's `trt_multihead_matmul_fuse_pass_v2`, which the variable-length kernels
+    build on) only matches a model converted with `--target gpu` (model.json `"attention":
+    "separate_qkv"`: separate q/k/v projections). The default CPU export (`"fused_qkv"`: one QKV
+    projection + split) runs correct but unfused attention on a GPU; `attention_fusable` says
+    which one a model is, and `_configure_gpu` warns. Checked on the CPU build by running the
+    registered part of Paddle 2.6's GPU pass list (tests/test_predictor.py); the embedding + layer
+    norm fusion is not registered in the CPU build and is unchecked. Variable-length kernels also
+    need `InternalUtils.set_transformer_posid/maskid` naming a position-id and a mask input, which
+    the exported program does not have: without them Paddle keeps the padded TensorRT path."""
     half = settings.precision == "fp16"
     precision = paddle_infer.PrecisionType.Half if half else paddle_infer.PrecisionType.Float32
     calls: list[tuple[str, tuple, dict]] = [("enable_use_gpu", (settings.gpu_memory_mb, settings.gpu_id, precision), {})]
@@ -121,7 +132,19 @@ def gpu_config_calls(info: ModelInfo, settings: PredictorSettings) -> list[tuple
     return calls
 
 
+def attention_fusable(info: ModelInfo) -> bool:
+    """Whether Paddle's GPU multi-head attention fusion can match this model's program: only the
+    `--target gpu` export (separate q/k/v projections); models from before the option are fused."""
+    return info.raw.get("attention", "fused_qkv") == "separate_qkv"
+
+
 def _configure_gpu(config: paddle_infer.Config, info: ModelInfo, settings: PredictorSettings) -> None:
+    if not attention_fusable(info):
+        import warnings
+
+        warnings.warn(f"{info.path} is the CPU export (fused QKV): on the GPU its attention runs unfused "
+                      f"(Paddle's multihead_matmul fusion does not match it). Convert with --target gpu "
+                      f"for the fused GPU/TensorRT attention", stacklevel=3)
     for name, args, kwargs in gpu_config_calls(info, settings):
         getattr(config, name)(*args, **kwargs)
 

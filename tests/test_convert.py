@@ -80,3 +80,30 @@ def test_model_dir_problems_fail_fast(ckpt, tmp_path):
     (dst / "inference.pdiparams").unlink()
     with pytest.raises(ModelDirError, match="missing"):
         load_model_info(dst)
+
+
+def test_unknown_target_is_refused_before_anything_is_written(ckpt, tmp_path):
+    with pytest.raises(ConversionError, match="target must be one of"):
+        convert(ckpt, tmp_path / "m", target="tpu")
+    assert not (tmp_path / "m").exists()
+
+
+def test_split_qkv_slices_the_fused_projection():
+    from pipeline.convert import split_qkv
+
+    w = np.arange(4 * 12, dtype=np.float32).reshape(4, 12)
+    b = np.arange(12, dtype=np.float32)
+    out = split_qkv({"encoder.layers.0.qkv_proj.weight": w, "encoder.layers.0.qkv_proj.bias": b, "x": b})
+    assert sorted(out) == sorted(["x"] + [f"encoder.layers.0.{p}_proj.{k}" for p in "qkv" for k in ("weight", "bias")])
+    assert np.array_equal(np.concatenate([out[f"encoder.layers.0.{p}_proj.weight"] for p in "qkv"], axis=1), w)
+    assert np.array_equal(out["encoder.layers.0.k_proj.bias"], b[4:8])
+
+
+def test_gpu_target_keeps_the_converter_rules(ckpt, tmp_path):
+    dst = convert(ckpt, tmp_path / "m", target="gpu")
+    meta = json.loads((dst / "model.json").read_text())
+    assert meta["attention"] == "separate_qkv" and meta["architecture"]["fused_qkv"] is False
+    with pytest.raises(ConversionError, match="--force"):
+        convert(ckpt, dst, target="gpu")
+    convert(ckpt, dst, force=True)  # back to the CPU layout in place
+    assert json.loads((dst / "model.json").read_text())["attention"] == "fused_qkv"

@@ -134,3 +134,150 @@ def test_attention_transposes_fold_into_the_matmuls(info, tmp_path):
     assert ops["transpose2"] == 0 and ops["reshape2"] == 0, ops
     assert ops["fc"] == 4 * layers and ops["fused_matmul"] == 2 * layers, ops
     assert ops["dropout"] == 0, ops
+
+
+# ----------------------------------------------------------------- GPU export (separate q/k/v)
+
+# Paddle 2.6's GpuPassStrategy (paddle/fluid/inference/api/paddle_pass_builder.cc, Linux), in order.
+# The CPU build registers most of it; `_registered_gpu_passes` keeps those it can run.
+PADDLE_GPU_PASSES = [
+    "map_op_to_another_pass", "is_test_pass", "simplify_with_basic_ops_pass",
+    "delete_quant_dequant_linear_op_pass", "delete_weight_dequant_linear_op_pass", "sparse_conv_optim_pass",
+    "constant_folding_pass", "silu_fuse_pass", "conv_bn_fuse_pass", "conv_eltwiseadd_bn_fuse_pass",
+    "embedding_eltwise_layernorm_fuse_pass", "multihead_matmul_fuse_pass_v2", "vit_attention_fuse_pass",
+    "fused_multi_transformer_encoder_pass", "fused_multi_transformer_decoder_pass",
+    "fused_multi_transformer_encoder_fuse_qkv_pass", "fused_multi_transformer_decoder_fuse_qkv_pass",
+    "multi_devices_fused_multi_transformer_encoder_pass",
+    "multi_devices_fused_multi_transformer_encoder_fuse_qkv_pass",
+    "multi_devices_fused_multi_transformer_decoder_fuse_qkv_pass", "fuse_multi_transformer_layer_pass",
+    "gpu_cpu_squeeze2_matmul_fuse_pass", "gpu_cpu_reshape2_matmul_fuse_pass", "gpu_cpu_flatten2_matmul_fuse_pass",
+    "gpu_cpu_map_matmul_v2_to_mul_pass", "gpu_cpu_map_matmul_v2_to_matmul_pass", "matmul_scale_fuse_pass",
+    "multihead_matmul_fuse_pass_v3", "gpu_cpu_map_matmul_to_mul_pass", "fc_fuse_pass",
+    "fc_elementwise_layernorm_fuse_pass", "conv_elementwise_add_act_fuse_pass",
+    "conv_elementwise_add2_act_fuse_pass", "conv_elementwise_add_fuse_pass", "transpose_flatten_concat_fuse_pass",
+    "transfer_layout_pass", "transfer_layout_elim_pass", "auto_mixed_precision_pass", "identity_op_clean_pass",
+    "inplace_op_var_pass",
+]
+# Registered in the CPU build but its pattern detector segfaults there (it runs after the attention
+# fusion, so leaving it out does not change what this checks).
+CPU_BUILD_CRASHES = {"fc_elementwise_layernorm_fuse_pass"}
+
+
+def _registered_gpu_passes() -> list[str]:
+    from paddle.base import core
+
+    def registered(name):
+        try:
+            core.get_pass(name)
+            return True
+        except Exception:  # noqa: BLE001 - paddle raises a plain ValueError/RuntimeError
+            return False
+
+    return [p for p in PADDLE_GPU_PASSES if p not in CPU_BUILD_CRASHES and registered(p)]
+
+
+def _ops_after_passes(model_dir: Path, passes: list[str], out: Path):
+    """Op counts of the program Paddle Inference builds with exactly `passes` (CPU build)."""
+    import sys
+
+    from paddle import inference as paddle_infer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from show_program_ops import op_counts
+
+    c = paddle_infer.Config(str(model_dir / "inference.pdmodel"), str(model_dir / "inference.pdiparams"))
+    c.disable_gpu()
+    c.switch_ir_optim(True)
+    c.pass_builder().set_passes(passes)
+    c.enable_save_optim_model(True)
+    c.set_optim_cache_dir(str(out))
+    c.switch_use_feed_fetch_ops(False)
+    c.disable_glog_info()
+    paddle_infer.create_predictor(c)
+    return op_counts(out / "_optimized.pdmodel")
+
+
+@pytest.fixture(scope="module")
+def both_layouts(tmp_path_factory, minilm_src):
+    """One tiny checkpoint (3 layers) converted for the CPU (fused QKV) and for the GPU (separate q/k/v)."""
+    from pipeline.convert import convert
+    from tests.conftest import write_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("layouts")
+    src = write_hf_checkpoint(root / "ckpt", minilm_src / "vocab.txt", layers=3, num_labels=1, seed=5)
+    return (load_model_info(convert(src, root / "cpu")),
+            load_model_info(convert(src, root / "gpu", target="gpu")))
+
+
+def test_gpu_export_records_its_layout_and_gives_the_cpu_export_outputs(both_layouts):
+    from pipeline.convert import probe_batch
+    from pipeline.predictor import attention_fusable
+
+    cpu, gpu = both_layouts
+    assert cpu.raw["attention"] == "fused_qkv" and cpu.raw["architecture"]["fused_qkv"] is True
+    assert gpu.raw["attention"] == "separate_qkv" and gpu.raw["architecture"]["fused_qkv"] is False
+    assert not attention_fusable(cpu) and attention_fusable(gpu)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(5, 1000, size=(6, 40)).astype(np.int64)
+    mask = np.ones(ids.shape, np.float32)
+    mask[1, 7:] = mask[4, 30:] = 0
+    types = np.zeros_like(ids)
+    types[:, 20:] = 1
+    batches = [probe_batch(cpu.vocab_size), dict(input_ids=ids, token_type_ids=types, attention_mask=mask)]
+    for settings in (PredictorSettings(threads=1), PredictorSettings(threads=1, onednn=False)):
+        a, b = PaddlePredictor(cpu, settings), PaddlePredictor(gpu, settings)
+        for batch in batches:
+            want, got = a.run(**batch), b.run(**batch)
+            assert np.std(want) > 1e-3 and np.max(np.abs(got - want)) < 1e-5
+
+
+def test_gpu_pass_list_fuses_the_attention_of_the_gpu_export_only(both_layouts, tmp_path):
+    """Paddle 2.6's GPU pass list (the part the CPU build registers), run on the CPU build:
+    `multihead_matmul` replaces every layer's attention in the GPU export and none in the CPU
+    export (its one QKV projection + split does not match the pattern)."""
+    cpu, gpu = both_layouts
+    passes = _registered_gpu_passes()
+    assert "multihead_matmul_fuse_pass_v2" in passes and "multihead_matmul_fuse_pass_v3" in passes
+    layers = gpu.num_hidden_layers
+    ops_gpu = _ops_after_passes(gpu.path, passes, tmp_path / "gpu")
+    assert ops_gpu["multihead_matmul"] == layers, ops_gpu
+    assert ops_gpu["softmax"] == 0 and ops_gpu["transpose2"] == 0, ops_gpu
+    ops_cpu = _ops_after_passes(cpu.path, passes, tmp_path / "cpu")
+    assert ops_cpu["multihead_matmul"] == 0 and ops_cpu["softmax"] == layers, ops_cpu
+    # v2 on its own once matmul_v2 is mapped (the pattern: scale on the q branch before QK^T)
+    v2 = ["is_test_pass", "gpu_cpu_map_matmul_v2_to_mul_pass", "gpu_cpu_map_matmul_v2_to_matmul_pass",
+          "multihead_matmul_fuse_pass_v2"]
+    assert _ops_after_passes(gpu.path, v2, tmp_path / "v2")["multihead_matmul"] == layers
+
+
+def test_cpu_export_keeps_its_onednn_program(both_layouts, tmp_path):
+    """The GPU layout is opt-in: the default export's oneDNN program is the fused-QKV one
+    (one fc per layer for q, k, v together), the GPU export has three."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from show_program_ops import op_counts
+
+    cpu, gpu = both_layouts
+    layers = cpu.num_hidden_layers
+    counts = {}
+    for info in (cpu, gpu):
+        out = tmp_path / info.path.name
+        p = PaddlePredictor(info, PredictorSettings(threads=1, save_optimized_program_to=str(out)))
+        ids = np.ones((2, 5), np.int64)
+        p.run(ids, np.zeros_like(ids), np.ones((2, 5), np.float32))
+        counts[info.path.name] = op_counts(out / "_optimized.pdmodel")
+    assert counts["cpu"]["split"] == layers and counts["cpu"]["fc"] == 4 * layers + 2, counts["cpu"]
+    assert counts["cpu"]["transpose2"] == 0 and counts["cpu"]["fused_matmul"] == 2 * layers, counts["cpu"]
+    assert counts["gpu"]["split"] == 0 and counts["gpu"]["fc"] == 6 * layers + 2, counts["gpu"]
+
+
+def test_gpu_config_warns_about_a_cpu_export(both_layouts):
+    import warnings
+
+    cpu, gpu = both_layouts
+    with pytest.warns(UserWarning, match="--target gpu"):
+        build_config(cpu, PredictorSettings(device="gpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_config(gpu, PredictorSettings(device="gpu"))

@@ -106,3 +106,51 @@ def test_cli_quantize(tmp_path, tiny_bi_dir, calib, capsys):
                  "--calib-sequences", "16", "--threads", "1"]) == 0
     assert "PASSED" in capsys.readouterr().out
     assert load_model_info(out).raw["quantization"]["calibration"]["sequences"] <= 16
+
+
+def _int8_fc(model_dir: Path, tmp_path: Path) -> tuple[int, int]:
+    """(int8 fc, all fc) in the program the predictor really runs (oneDNN marks the int8 ones)."""
+    from paddle.base.proto import framework_pb2
+
+    info = load_model_info(model_dir)
+    p = PaddlePredictor(info, PredictorSettings(threads=1, save_optimized_program_to=str(tmp_path)))
+    p.run(np.array([[101, 2054, 2003, 102]]), np.zeros((1, 4), np.int64), np.ones((1, 4), np.float32))
+    desc = framework_pb2.ProgramDesc.FromString((tmp_path / "_optimized.pdmodel").read_bytes())
+    fcs = [op for op in desc.blocks[0].ops if op.type == "fc"]
+    int8 = [op for op in fcs if any(a.name == "mkldnn_data_type" and a.s == "int8" for a in op.attrs)]
+    return len(int8), len(fcs)
+
+
+def test_linear_kinds_follow_the_layer_structure(tiny_cross_dir):
+    from paddle.base.proto import framework_pb2
+
+    from pipeline.quantize import linear_layers
+
+    info = load_model_info(tiny_cross_dir)
+    kinds = [k for k, _, _ in linear_layers(framework_pb2.ProgramDesc.FromString(info.program_file.read_bytes()))]
+    per_layer = ["qkv", "attn_out", "ffn_in", "ffn_out"]
+    assert kinds == per_layer * info.num_hidden_layers + ["head", "head"]  # + pooler and classifier
+
+
+def test_only_the_chosen_linears_run_int8(int8_bi, tiny_bi_dir, calib, tmp_path):
+    """The default quantises the attention block's Linears only: the predictor must run exactly
+    those fc in int8 (2 per layer) and the FFN ones in fp32; asking for every kind gives 4 per
+    layer. (PaddleSlim's skip list alone leaves every fc int8: this fails without
+    `keep_int8_inputs`.)"""
+    layers = load_model_info(tiny_bi_dir).num_hidden_layers
+    assert load_model_info(int8_bi[0]).raw["quantization"]["method"]["int8_linears"] == ["qkv", "attn_out"]
+    assert _int8_fc(int8_bi[0], tmp_path / "default") == (2 * layers, 4 * layers)
+    every = QuantSettings(int8_linears=("qkv", "attn_out", "ffn_in", "ffn_out"), calib_sequences=32)
+    dst, _ = quantize(tiny_bi_dir, [calib], tmp_path / "all", settings=every, max_loss_rate=1e9, threads=1,
+                      log=lambda m: None)
+    assert _int8_fc(dst, tmp_path / "all-opt") == (4 * layers, 4 * layers)
+    ffn_out = QuantSettings(int8_linears=("ffn_out",), calib_sequences=32)
+    dst, _ = quantize(tiny_bi_dir, [calib], tmp_path / "ffn", settings=ffn_out, max_loss_rate=1e9, threads=1,
+                      log=lambda m: None)
+    assert _int8_fc(dst, tmp_path / "ffn-opt") == (layers, 4 * layers)
+
+
+def test_cli_refuses_unknown_linear_kinds(tmp_path, tiny_bi_dir, calib, capsys):
+    assert main(["quantize", str(tiny_bi_dir), "--calib", str(calib), "--out", str(tmp_path / "x"),
+                 "--int8-linears", "qkv,attention"]) == 2
+    assert "--int8-linears" in capsys.readouterr().err and not (tmp_path / "x").exists()
