@@ -70,7 +70,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="predictor math threads in all (default: core count)")
     p.add_argument("--streams", type=int, default=None,
                    help="predictors running batches at once, sharing the weights; --threads are split among "
-                        "them (default: 1)")
+                        "them (default: 2, capped at --threads)")
     p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows read and tokenized per task")
     p.add_argument("--window-rows", type=int, default=d.window_rows, help="rows sorted by length together")
     p.add_argument("--resume", action="store_true",

