@@ -152,8 +152,10 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
     threads = cores if cfg.threads is None else cfg.threads
     if cfg.resume and cfg.restart:
         raise ConfigError("--resume and --restart exclude each other")
-    streams = STREAMS_DEFAULT if cfg.streams is None else cfg.streams
-    streams = min(streams, threads) if cfg.streams is None else streams
+    if cfg.streams is None:  # one predictor keeps a GPU busy; on the CPU, STREAMS_DEFAULT capped at the threads
+        streams = 1 if cfg.device == "gpu" else min(STREAMS_DEFAULT, threads)
+    else:
+        streams = cfg.streams
     if workers < 0 or threads < 1:
         raise ConfigError(f"--workers must be >= 0 and --threads >= 1 (got {workers}, {threads})")
     if not 1 <= streams <= threads:

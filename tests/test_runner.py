@@ -182,6 +182,7 @@ def test_streams_default_is_capped_by_threads_and_splits_them(tiny_cross_dir):
     assert s.streams == min(STREAMS_DEFAULT, 4) and s.threads_per_stream == 4 // s.streams
     s = resolve(RunConfig(threads=5, streams=2), info)
     assert (s.streams, s.threads_per_stream) == (2, 2)
+    assert resolve(RunConfig(threads=4, device="gpu"), info).streams == 1
 
 
 class _SlowBackend:
