@@ -83,20 +83,13 @@ def pad_batch(enc: Encoded, batch: Batch, pad_id: int) -> tuple[np.ndarray, np.n
     return ids, types, mask
 
 
-def flatten_batch(enc: Encoded, batch: Batch) -> dict[str, np.ndarray]:
-    """Variable-length form of a batch, for kernels that compute no padding (TensorRT's
-    variable-length ERNIE): the batch's sequences back to back, with cumulative offsets.
+def position_ids(mask: np.ndarray) -> np.ndarray:
+    """Position ids of a padded batch for a model that takes them as an input (the `--target gpu`
+    export): 0..n-1 on a sequence's n real tokens, 0 on its padding.
 
-    input_ids / token_type_ids: int32 [total tokens]; cu_seqlens: int32 [B + 1], sequence i is
-    flat[cu_seqlens[i]:cu_seqlens[i+1]]; max_seqlen: int32 [1], the longest sequence."""
-    starts = enc.ids.offsets[batch.rows]
-    lens = enc.ids.offsets[batch.rows + 1] - starts
-    src = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)]) if len(lens) else np.zeros(0, np.int64)
-    cu = np.zeros(len(lens) + 1, dtype=np.int32)
-    np.cumsum(lens, out=cu[1:])
-    return {
-        "input_ids": enc.ids.flat[src].astype(np.int32),
-        "token_type_ids": enc.types.flat[src].astype(np.int32),
-        "cu_seqlens": cu,
-        "max_seqlen": np.array([lens.max() if len(lens) else 0], dtype=np.int32),
-    }
+    That is the form Paddle's variable-length TensorRT path reads: its transformer_input_convert
+    plugin takes a sequence's length to be the number of positions i whose id equals i, and builds
+    the cumulative sequence offsets of the padding-free kernels from that. Padding ids of 0
+    (i > 0) do not count; the real tokens are a prefix of each row (`pad_batch`)."""
+    assert mask.ndim == 2, f"mask must be [batch, seq], got {mask.shape}"
+    return (np.arange(mask.shape[1], dtype=np.int64)[None, :] * (mask > 0)).astype(np.int64)

@@ -350,12 +350,25 @@ def probe_batch(vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
 PROGRAM_REVISION = 2
 
 
+def model_inputs(model, batch: dict[str, np.ndarray]) -> list:
+    """The dynamic-graph model's inputs for a padded numpy batch, position ids added when the
+    model takes them (the `--target gpu` export)."""
+    import paddle
+
+    from pipeline.batching import position_ids
+
+    arrays = [batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")]
+    if model.cfg.position_ids_input:
+        arrays.append(position_ids(batch["attention_mask"]))
+    return [paddle.to_tensor(a) for a in arrays]
+
+
 def export_model(model, out_dir: Path) -> None:
     import paddle
 
     from pipeline.model import input_specs
 
-    static = paddle.jit.to_static(model, input_spec=input_specs(), full_graph=True)
+    static = paddle.jit.to_static(model, input_spec=input_specs(model.cfg.position_ids_input), full_graph=True)
     paddle.jit.save(static, str(out_dir / "inference"))
     add_transpose_xshape(out_dir / PROGRAM_FILE)
 
@@ -423,7 +436,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
     from pipeline.predictor import PaddlePredictor, PredictorSettings
 
     paddle.set_device("cpu")
-    config = {**ckpt.config, "fused_qkv": target == "cpu"}
+    config = {**ckpt.config, "fused_qkv": target == "cpu", "position_ids_input": target == "gpu"}
     model = build_model(config, mode, ckpt.weights if target == "cpu" else split_qkv(ckpt.weights))
     meta = {
         "format_version": FORMAT_VERSION,
@@ -445,7 +458,7 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
         # The exported program, run by the predictor we ship, must reproduce the dynamic-graph model.
         batch = probe_batch(config["vocab_size"])
         with paddle.no_grad():
-            want = model(*[paddle.to_tensor(batch[k]) for k in ("input_ids", "token_type_ids", "attention_mask")]).numpy()
+            want = model(*model_inputs(model, batch)).numpy()
         got = PaddlePredictor(info, PredictorSettings(threads=1)).run(**batch)
         err = float(np.max(np.abs(got - want)))
         if not err < 1e-4:

@@ -52,6 +52,10 @@ class ErnieConfig:
     pad_token_id: int = 0
     num_labels: int = 0  # classifier outputs; 0 means the checkpoint has no classifier
     fused_qkv: bool = True  # one qkv_proj (CPU export) or q/k/v_proj (GPU export, see the module doc)
+    # GPU export: position ids are a model input (0..n-1 on real tokens, 0 on padding) instead of
+    # a range computed in the program: Paddle's variable-length TensorRT path reads the sequence
+    # lengths from that input (`batching.position_ids`).
+    position_ids_input: bool = False
 
     def __post_init__(self) -> None:
         assert self.hidden_size % self.num_attention_heads == 0, (
@@ -85,9 +89,10 @@ class ErnieEmbeddings(nn.Layer):
             self.task_type_embeddings = nn.Embedding(cfg.task_type_vocab_size, cfg.hidden_size)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
 
-    def forward(self, input_ids, token_type_ids):
-        seq_len = paddle.shape(input_ids)[1]
-        position_ids = paddle.arange(seq_len, dtype="int64").unsqueeze(0)
+    def forward(self, input_ids, token_type_ids, position_ids=None):
+        if position_ids is None:
+            seq_len = paddle.shape(input_ids)[1]
+            position_ids = paddle.arange(seq_len, dtype="int64").unsqueeze(0)
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(position_ids)
@@ -165,7 +170,9 @@ class ErnieScorer(nn.Layer):
     """Encoder plus the head of one scoring mode; the exported program is exactly this forward.
 
     Inputs are padded batches: input_ids and token_type_ids int64 [B, S], attention_mask
-    float32 [B, S] with 1 for real tokens and 0 for padding.
+    float32 [B, S] with 1 for real tokens and 0 for padding, and with `position_ids_input`
+    position_ids int64 [B, S] (`batching.position_ids`; padding rows only reach padded tokens,
+    which the mask hides, so the outputs do not change).
     Output: `cross` -> score float32 [B]; `bi` -> L2-normalised embedding float32 [B, H].
     """
 
@@ -182,11 +189,13 @@ class ErnieScorer(nn.Layer):
             self.pooler = ErniePooler(cfg)
             self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
-    def forward(self, input_ids, token_type_ids, attention_mask):
+    def forward(self, input_ids, token_type_ids, attention_mask, position_ids=None):
+        assert (position_ids is not None) == self.cfg.position_ids_input, (
+            "position_ids must be given exactly when the config says position_ids_input")
         # Built once per batch and shared by every layer: 0 for real tokens, -1e4 for padding
         # (the value PaddleNLP uses; exp(-1e4) is exactly 0 in float32), shape [B, 1, 1, S].
         attn_bias = ((1.0 - attention_mask) * -1e4).unsqueeze([1, 2])
-        hidden = self.encoder(self.embeddings(input_ids, token_type_ids), attn_bias)
+        hidden = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), attn_bias)
         if self.mode == "cross":
             logits = self.classifier(self.pooler(hidden))
             if self.cfg.num_labels == 1:
@@ -199,11 +208,14 @@ class ErnieScorer(nn.Layer):
         return F.normalize(mean, p=2, axis=-1, epsilon=1e-12)
 
 
-def input_specs():
+def input_specs(position_ids_input: bool = False):
     from paddle.static import InputSpec
 
-    return [
+    specs = [
         InputSpec([None, None], "int64", "input_ids"),
         InputSpec([None, None], "int64", "token_type_ids"),
         InputSpec([None, None], "float32", "attention_mask"),
     ]
+    if position_ids_input:
+        specs.append(InputSpec([None, None], "int64", "position_ids"))
+    return specs

@@ -21,9 +21,11 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 from paddle import inference as paddle_infer  # noqa: E402
 
+from pipeline.batching import position_ids  # noqa: E402
 from pipeline.modeldir import ModelInfo  # noqa: E402
 
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
+POSITION_IDS = "position_ids"  # a fourth input of `--target gpu` exports (see model.ErnieConfig)
 
 
 class GpuUnavailable(RuntimeError):
@@ -98,7 +100,8 @@ def gpu_config_calls(info: ModelInfo, settings: PredictorSettings) -> list[tuple
     optionally TensorRT with dynamic shapes and the variable-length ERNIE plugins. Written against
     Paddle's documented Config API. Kept as data because the CPU build refuses the TensorRT calls,
     so tests check this plan and apply what the CPU build accepts (see README "Verified here and
-    not").
+    not"). A method name starting with "InternalUtils." is a static function of
+    `paddle.inference.InternalUtils` that takes the config as its first argument.
 
     Which export the fusion needs: the multi-head attention fusion (`multihead_matmul_fuse_pass_v2`
     /`_v3`, and TensorRT's `trt_multihead_matmul_fuse_pass_v2`, which the variable-length kernels
@@ -107,9 +110,13 @@ def gpu_config_calls(info: ModelInfo, settings: PredictorSettings) -> list[tuple
     projection + split) runs correct but unfused attention on a GPU; `attention_fusable` says
     which one a model is, and `_configure_gpu` warns. Checked on the CPU build by running the
     registered part of Paddle 2.6's GPU pass list (tests/test_predictor.py); the embedding + layer
-    norm fusion is not registered in the CPU build and is unchecked. Variable-length kernels also
-    need `InternalUtils.set_transformer_posid/maskid` naming a position-id and a mask input, which
-    the exported program does not have: without them Paddle keeps the padded TensorRT path."""
+    norm fusion is not registered in the CPU build and is unchecked.
+
+    Variable-length kernels (`--trt-varlen`): Paddle 2.6 removes the padding inside TensorRT
+    (remove_padding_recover_padding_pass) when `InternalUtils.set_transformer_posid/maskid` name
+    a position-ids input feeding the position embedding and the mask input; it reads each
+    sequence's length from the position ids (`batching.position_ids`). The `--target gpu` export
+    has that input; the runtime keeps feeding padded batches and Paddle does the rest."""
     half = settings.precision == "fp16"
     precision = paddle_infer.PrecisionType.Half if half else paddle_infer.PrecisionType.Float32
     calls: list[tuple[str, tuple, dict]] = [("enable_use_gpu", (settings.gpu_memory_mb, settings.gpu_id, precision), {})]
@@ -123,13 +130,32 @@ def gpu_config_calls(info: ModelInfo, settings: PredictorSettings) -> list[tuple
             precision_mode=precision, use_static=settings.trt_cache_dir is not None, use_calib_mode=False)))
         b, s = settings.trt_max_batch, min(settings.trt_max_seq_len, info.max_position_embeddings)
         opt = min(128, s)
+        names = model_input_names(info)
         calls.append(("set_trt_dynamic_shape_info", (
-            {n: [1, 1] for n in INPUT_NAMES}, {n: [b, s] for n in INPUT_NAMES}, {n: [b, opt] for n in INPUT_NAMES}), {}))
+            {n: [1, 1] for n in names}, {n: [b, s] for n in names}, {n: [b, opt] for n in names}), {}))
         if settings.trt_varlen:
+            if POSITION_IDS not in names:
+                raise GpuUnavailable(f"--trt-varlen needs a model with a position-ids input, which {info.path} "
+                                     f"lacks: convert the checkpoint with --target gpu")
             calls.append(("enable_tensorrt_varseqlen", (), {}))
+            calls.append(("InternalUtils.set_transformer_posid", (POSITION_IDS,), {}))
+            calls.append(("InternalUtils.set_transformer_maskid", ("attention_mask",), {}))
         if settings.trt_cache_dir:
             calls.append(("set_optim_cache_dir", (settings.trt_cache_dir,), {}))
     return calls
+
+
+def model_input_names(info: ModelInfo) -> tuple[str, ...]:
+    """The exported program's inputs: INPUT_NAMES, plus position ids for a `--target gpu` export."""
+    return INPUT_NAMES + ((POSITION_IDS,) if info.raw.get("architecture", {}).get("position_ids_input") else ())
+
+
+def apply_call(config: paddle_infer.Config, name: str, args: tuple, kwargs: dict) -> None:
+    """Apply one (method, args, kwargs) of `gpu_config_calls` to a Config."""
+    if name.startswith("InternalUtils."):
+        getattr(paddle_infer.InternalUtils, name.split(".", 1)[1])(config, *args, **kwargs)
+    else:
+        getattr(config, name)(*args, **kwargs)
 
 
 def attention_fusable(info: ModelInfo) -> bool:
@@ -146,7 +172,7 @@ def _configure_gpu(config: paddle_infer.Config, info: ModelInfo, settings: Predi
                       f"(Paddle's multihead_matmul fusion does not match it). Convert with --target gpu "
                       f"for the fused GPU/TensorRT attention", stacklevel=3)
     for name, args, kwargs in gpu_config_calls(info, settings):
-        getattr(config, name)(*args, **kwargs)
+        apply_call(config, name, args, kwargs)
 
 
 def gpu_available() -> bool:
@@ -158,15 +184,18 @@ def gpu_available() -> bool:
 class _Stream:
     """One predictor with its input and output handles (created once; inputs copied per batch)."""
 
-    def __init__(self, predictor, source: str):
-        names = predictor.get_input_names()
-        assert list(names) == list(INPUT_NAMES), f"{source} takes inputs {names}, expected {INPUT_NAMES}"
+    def __init__(self, predictor, info: ModelInfo):
+        names, want = tuple(predictor.get_input_names()), model_input_names(info)
+        assert names == want, f"{info.program_file} takes inputs {names}, model.json says {want}"
         self.predictor = predictor
-        self.inputs = [predictor.get_input_handle(n) for n in INPUT_NAMES]
+        self.inputs = [predictor.get_input_handle(n) for n in names]
+        self.takes_position_ids = POSITION_IDS in names
         self.output = predictor.get_output_handle(predictor.get_output_names()[0])
 
     def run(self, arrays) -> np.ndarray:
-        for handle, arr, dtype in zip(self.inputs, arrays, (np.int64, np.int64, np.float32)):
+        if self.takes_position_ids:
+            arrays = (*arrays, position_ids(arrays[2]))
+        for handle, arr, dtype in zip(self.inputs, arrays, (np.int64, np.int64, np.float32, np.int64)):
             handle.reshape(arr.shape)
             handle.copy_from_cpu(np.ascontiguousarray(arr, dtype=dtype))
         self.predictor.run()
@@ -193,8 +222,8 @@ class PaddlePredictor:
         self.info = info
         self.settings = settings
         first = paddle_infer.create_predictor(build_config(info, settings))
-        self._streams = [_Stream(first, str(info.program_file))]
-        self._streams += [_Stream(first.clone(), str(info.program_file)) for _ in range(settings.streams - 1)]
+        self._streams = [_Stream(first, info)]
+        self._streams += [_Stream(first.clone(), info) for _ in range(settings.streams - 1)]
         self._idle: queue.SimpleQueue[_Stream] = queue.SimpleQueue()
         for stream in self._streams:
             self._idle.put(stream)

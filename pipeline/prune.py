@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline import __version__
-from pipeline.convert import ConversionError, build_model, probe_batch, save_runtime_dir
+from pipeline.convert import ConversionError, build_model, model_inputs, probe_batch, save_runtime_dir
 from pipeline.modeldir import (
     ID_MAP_FILE,
     PARAMS_FILE,
@@ -183,7 +183,7 @@ def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Pa
         raise ConversionError(f"{info.params_file} holds parameters the scorer does not have: {extra[:5]}")
     del weights
     with paddle.no_grad():
-        got = model(*[paddle.to_tensor(pruned_probe[k]) for k in ("input_ids", "token_type_ids", "attention_mask")])
+        got = model(*model_inputs(model, pruned_probe))
     err = float(np.max(np.abs(got.numpy() - want)))
     if not err < 1e-4:  # dynamic graph vs exported program, the converter's limit
         raise ConversionError(f"the rebuilt pruned model differs from {model_dir} by {err:.3g} on kept ids "

@@ -85,22 +85,29 @@ def test_pad_batch_places_tokens_and_mask():
     assert x.dtype == np.int64 and m.dtype == np.float32
 
 
+def _cu_seqlens_as_paddle_reads_them(pos: np.ndarray) -> np.ndarray:
+    """Reference: Paddle's TensorRT transformer_input_convert plugin (one block per row, one
+    thread per position; a position counts when its id equals its index), then the prefix sum."""
+    counts = [sum(1 for i in range(pos.shape[1]) if pos[b, i] == i) for b in range(pos.shape[0])]
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.integers(1, 999), min_size=1, max_size=20), min_size=1, max_size=30))
-def test_flattened_batch_matches_padded(seqs):
-    from pipeline.batching import flatten_batch
+def test_position_ids_give_the_padding_free_offsets(seqs):
+    """The varlen path must see each sequence's true length: the offsets Paddle derives from our
+    position ids equal the cumulative real lengths of the padded batch (padded to multiples of 8,
+    as on the GPU)."""
+    from pipeline.batching import position_ids
 
     ids = Ragged.from_lists(seqs)
     types = Ragged.from_lists([[i % 2 for i in range(len(s))] for s in seqs])
     enc = Encoded(ids, types)
     for batch in plan_batches(enc.lengths, 64, 7, 8):
-        padded_ids, padded_types, mask = pad_batch(enc, batch, pad_id=0)
-        flat = flatten_batch(enc, batch)
-        cu = flat["cu_seqlens"]
-        assert cu[0] == 0 and cu[-1] == len(flat["input_ids"]) == int(mask.sum())
-        assert np.array_equal(np.diff(cu), mask.sum(1).astype(np.int32))
-        assert flat["max_seqlen"][0] == mask.sum(1).max()
-        for i in range(len(batch.rows)):
-            n = cu[i + 1] - cu[i]
-            assert np.array_equal(flat["input_ids"][cu[i]:cu[i + 1]], padded_ids[i, :n])
-            assert np.array_equal(flat["token_type_ids"][cu[i]:cu[i + 1]], padded_types[i, :n])
+        _, _, mask = pad_batch(enc, batch, pad_id=0)
+        pos = position_ids(mask)
+        assert pos.shape == mask.shape and pos.dtype == np.int64
+        lengths = enc.lengths[batch.rows]
+        assert np.array_equal(_cu_seqlens_as_paddle_reads_them(pos), np.concatenate([[0], np.cumsum(lengths)]))
+        for r, n in enumerate(lengths):
+            assert np.array_equal(pos[r, :n], np.arange(n)) and not pos[r, n:].any()

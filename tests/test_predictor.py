@@ -48,11 +48,10 @@ def test_gpu_fp32_plan_has_no_mixed_precision(info):
     assert names == ["enable_use_gpu"]
 
 
-def test_tensorrt_varlen_plan_shape_ranges(info):
+def test_tensorrt_plan_shape_ranges(info):
     from paddle.inference import PrecisionType
 
-    s = PredictorSettings(device="gpu", precision="fp16", tensorrt=True, trt_varlen=True, trt_max_batch=32,
-                          trt_max_seq_len=1000)
+    s = PredictorSettings(device="gpu", precision="fp16", tensorrt=True, trt_max_batch=32, trt_max_seq_len=1000)
     calls = {n: (a, k) for n, a, k in gpu_config_calls(info, s)}
     trt = calls["enable_tensorrt_engine"][1]
     assert trt["precision_mode"] == PrecisionType.Half and trt["max_batch_size"] == 32 and not trt["use_calib_mode"]
@@ -62,7 +61,31 @@ def test_tensorrt_varlen_plan_shape_ranges(info):
     # the longest shape is capped by the model's position embeddings
     assert all(hi[n] == [32, info.max_position_embeddings] for n in INPUT_NAMES)
     assert all(opt[n] == [32, 128] for n in INPUT_NAMES)
+    assert "enable_tensorrt_varseqlen" not in calls
+
+
+def test_tensorrt_varlen_plan_names_the_position_ids_and_mask(info, both_layouts):
+    """Variable length needs the `--target gpu` export (position ids as an input) and names it
+    and the mask for Paddle's remove-padding pass; the CPU export is refused with what to do."""
+    from paddle import inference as paddle_infer
+
+    from pipeline.predictor import POSITION_IDS, apply_call
+
+    s = PredictorSettings(device="gpu", precision="fp16", tensorrt=True, trt_varlen=True, trt_max_batch=32)
+    _, gpu = both_layouts
+    plan = gpu_config_calls(gpu, s)
+    calls = {n: (a, k) for n, a, k in plan}
     assert "enable_tensorrt_varseqlen" in calls
+    assert calls["InternalUtils.set_transformer_posid"][0] == (POSITION_IDS,)
+    assert calls["InternalUtils.set_transformer_maskid"][0] == ("attention_mask",)
+    lo, hi, opt = calls["set_trt_dynamic_shape_info"][0]
+    assert set(lo) == set(hi) == set(opt) == set(INPUT_NAMES) | {POSITION_IDS}
+    c = paddle_infer.Config(str(gpu.program_file), str(gpu.params_file))
+    for name, args, kwargs in plan:  # what the CPU build accepts really applies
+        if name.startswith("InternalUtils."):
+            apply_call(c, name, args, kwargs)
+    with pytest.raises(GpuUnavailable, match="--target gpu"):
+        gpu_config_calls(info, s)
 
 
 @pytest.mark.parametrize("kwargs", [dict(precision="fp16"), dict(tensorrt=True), dict(device="gpu", trt_varlen=True),
@@ -213,9 +236,15 @@ def test_gpu_export_records_its_layout_and_gives_the_cpu_export_outputs(both_lay
     from pipeline.convert import probe_batch
     from pipeline.predictor import attention_fusable
 
+    from paddle import inference as paddle_infer
+
     cpu, gpu = both_layouts
     assert cpu.raw["attention"] == "fused_qkv" and cpu.raw["architecture"]["fused_qkv"] is True
     assert gpu.raw["attention"] == "separate_qkv" and gpu.raw["architecture"]["fused_qkv"] is False
+    # the GPU export takes the position ids (the predictor feeds them; padding rows included below)
+    names = lambda i: paddle_infer.create_predictor(paddle_infer.Config(str(i.program_file), str(i.params_file)))\
+        .get_input_names()  # noqa: E731
+    assert names(cpu) == list(INPUT_NAMES) and names(gpu) == list(INPUT_NAMES) + ["position_ids"]
     assert not attention_fusable(cpu) and attention_fusable(gpu)
     rng = np.random.default_rng(2)
     ids = rng.integers(5, 1000, size=(6, 40)).astype(np.int64)
