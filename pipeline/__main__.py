@@ -92,8 +92,8 @@ def _convert_parser(sub) -> None:
     p.add_argument("--name", default=None, help="model name recorded in model.json")
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="attention layout of the export: cpu = one fused QKV projection (fastest with oneDNN); "
-                        "gpu = separate q/k/v projections, the pattern Paddle's GPU/TensorRT multi-head attention "
-                        "fusion needs (same outputs; slower on the CPU)")
+                        "gpu = separate q/k/v projections and a position-ids input, the pattern Paddle's GPU/TensorRT "
+                        "multi-head attention fusion and --trt-varlen need (same outputs; slower on the CPU)")
     p.add_argument("--force", action="store_true", help="overwrite DST")
 
 

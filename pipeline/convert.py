@@ -14,7 +14,9 @@ existing directory without `force`.
 `target` picks the attention layout of the exported program (`model.ErnieConfig.fused_qkv`):
 `cpu` (default) keeps one fused QKV projection, fastest with oneDNN; `gpu` exports separate
 q/k/v projections (slices of the same weights, same outputs), the form Paddle's GPU and TensorRT
-multi-head attention fusion passes match. `model.json` records it as `"attention"`.
+multi-head attention fusion passes match, and takes the position ids as a fourth input, which
+Paddle's variable-length TensorRT path reads the sequence lengths from. `model.json` records it
+as `"attention"` and `architecture.position_ids_input`.
 """
 
 from __future__ import annotations
