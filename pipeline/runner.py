@@ -287,8 +287,8 @@ class Scorer:
 
     def __init__(self, backend: Backend, settings: Settings, pad_id: int, tally: Tally, stop: threading.Event):
         self.backend, self.s, self.pad_id, self.tally, self.stop = backend, settings, pad_id, tally, stop
-        n = getattr(backend, "concurrency", 1)
-        self._pool = ThreadPoolExecutor(n, thread_name_prefix="stream") if n > 1 else None
+        self._streams = getattr(backend, "concurrency", 1)  # test doubles may leave it out
+        self._pool = ThreadPoolExecutor(self._streams, thread_name_prefix="stream") if self._streams > 1 else None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -306,7 +306,7 @@ class Scorer:
                     raise Interrupted("interrupted")
                 yield run_one(batch)
             return
-        ahead = 2 * self.backend.concurrency
+        ahead = 2 * self._streams
         pending: deque[Future] = deque()
         try:
             for i in range(len(batches)):
