@@ -143,6 +143,25 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def test_interrupting_concurrent_streams_resumes_identically(data, tiny_cross_dir, reference, tmp_path):
+    """Two predictor streams with batches in flight when SIGINT arrives: the run stops at once,
+    and resuming with the same settings gives the single-stream reference's bytes (each stream
+    has one thread, as the reference does)."""
+    out = tmp_path / "out"
+    streams = ("--workers", "1", "--threads", "2", "--streams", "2")
+    proc = _start(_cmd(data, tiny_cross_dir, out, *streams))
+    _wait_for_windows(proc, out, 2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 5 and proc.returncode == 130, err
+    assert "Traceback" not in err
+    r = subprocess.run(_cmd(data, tiny_cross_dir, out, *streams, "--resume"), cwd=REPO_ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    _same_results(reference, out)
+
+
 def test_dead_tokenizer_worker_ends_the_run_clearly(data, tiny_cross_dir, reference, tmp_path):
     out = tmp_path / "out"
     proc = _start(_cmd(data, tiny_cross_dir, out, "--workers", "1"))
