@@ -396,6 +396,9 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
     info = load_model_info(model_dir)
     if info.precision != "fp32":
         raise ConversionError(f"{model_dir} has precision {info.precision!r}; quantise an fp32 model")
+    if info.raw.get("attention", "fused_qkv") != "fused_qkv":
+        raise ConversionError(f"{model_dir} is a `convert --target gpu` export; int8 runs on the CPU only, so "
+                              f"quantise the CPU export of the checkpoint (convert without --target gpu)")
     try:
         import paddleslim  # noqa: F401
     except ImportError as e:

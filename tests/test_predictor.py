@@ -310,3 +310,14 @@ def test_gpu_config_warns_about_a_cpu_export(both_layouts):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_config(gpu, PredictorSettings(device="gpu"))
+
+
+def test_a_gpu_export_is_not_quantised(both_layouts, tmp_path):
+    pytest.importorskip("paddleslim")
+    from pipeline.convert import ConversionError
+    from pipeline.quantize import quantize
+
+    _, gpu = both_layouts
+    with pytest.raises(ConversionError, match="target gpu"):
+        quantize(gpu.path, [tmp_path / "unused.tsv"], tmp_path / "int8", log=lambda m: None)
+    assert not (tmp_path / "int8").exists()
