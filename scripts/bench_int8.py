@@ -23,9 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
-from bench_streams import run_job  # noqa: E402
+from common import timed_run  # noqa: E402
 from pipeline.config import DEFAULT_INPUT  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> int:
     runs: dict[str, list[dict]] = {"fp32": [], "int8": []}
     for i in range(args.repeats):
         for label, model in (("fp32", fp32), ("int8", int8)):
-            r = run_job(DEFAULT_INPUT, args.workdir / f"int8-run-{label}", extra=["--model", str(model.path), *extra])
+            r = timed_run([DEFAULT_INPUT], args.workdir / f"int8-run-{label}", ["--model", str(model.path), *extra])
             runs[label].append(r)
             print(f"{label} run {i + 1}: total {r['report']['seconds']['total']:.2f} s", file=sys.stderr)
     a, b = predictions(args.workdir / "int8-run-fp32"), predictions(args.workdir / "int8-run-int8")

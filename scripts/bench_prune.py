@@ -38,15 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+
+from common import timed_run  # noqa: E402
 from pipeline.config import DEFAULT_INPUT, cpu_count, default_model_source  # noqa: E402
 
 ERNIE3_VOCAB = 40_000
-
-# Runs a command and prints the peak RSS (KiB on Linux) of its process tree: the wrapper itself
-# stays small, and RUSAGE_CHILDREN covers every waited-for descendant.
-_RSS_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
-
 
 def make_ernie3_checkpoint(folder: Path, seed: int = 0, h: int = 768, layers: int = 12, heads: int = 12,
                            ffn: int = 3072, max_pos: int = 2048) -> Path:
@@ -117,18 +114,6 @@ def predictor_creation_seconds(dirs: list[Path], threads: int, repeats: int = 3)
     return [statistics.median(t) for t in times]
 
 
-def timed_run(model: Path, data: list[Path], out: Path, threads: int) -> dict:
-    """One `python -m pipeline run` under the RSS wrapper: its report, wall time and peak RSS."""
-    cmd = [sys.executable, "-c", _RSS_WRAPPER, sys.executable, "-m", "pipeline", "run", *map(str, data),
-           "--model", str(model), "--out", str(out), "--no-progress", "--threads", str(threads)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak_kib = int(proc.stdout.strip().splitlines()[-1])
-    return {"report": json.loads((out / "report.json").read_text()), "wall_seconds": wall,
-            "peak_rss_mb": peak_kib / 1024}
-
-
 def _scores(out: Path) -> list[float]:
     return [float(line.split("\t")[2]) for line in (out / "predictions.tsv").read_text().splitlines()]
 
@@ -183,7 +168,8 @@ def main() -> int:
 
     infos = [load_model_info(full), load_model_info(pruned)]
     creation = predictor_creation_seconds([full, pruned], threads)
-    runs = [timed_run(d, run_data, work / f"out-{name}", threads) for d, name in ((full, "full"), (pruned, "pruned"))]
+    runs = [timed_run(run_data, work / f"out-{name}", ["--model", str(d), "--threads", str(threads)])
+            for d, name in ((full, "full"), (pruned, "pruned"))]
     s_full, s_pruned = _scores(work / "out-full"), _scores(work / "out-pruned")
     max_diff = max(abs(a - b) for a, b in zip(s_full, s_pruned))
     same_ranking = _ranking(work / "out-full") == _ranking(work / "out-pruned")

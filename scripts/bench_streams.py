@@ -15,34 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 from bench_pipeline import build_dataset  # noqa: E402
+from common import timed_run  # noqa: E402
 from pipeline.config import cpu_count  # noqa: E402
-
-
-def run_job(data: Path, out: Path, extra: list[str]) -> dict:
-    """One `python -m pipeline run DATA --out OUT EXTRA...` in a fresh process; returns its
-    report plus wall time and peak RSS."""
-    cmd = [sys.executable, "-m", "pipeline", "run", str(data), "--out", str(out), "--no-progress", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
-    report = json.loads((out / "report.json").read_text())
-    return {"wall": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "report": report}
 
 
 def main() -> int:
@@ -69,8 +55,8 @@ def main() -> int:
         try:
             for i in range(args.repeats):
                 for streams, tps in configs:
-                    r = run_job(data, args.workdir / "streams-run",
-                                ["--streams", str(streams), "--threads", str(streams * tps)])
+                    r = timed_run([data], args.workdir / "streams-run",
+                                  ["--streams", str(streams), "--threads", str(streams * tps)])
                     runs[(busy, (streams, tps))].append(r)
                     print(f"busy {busy} {streams}x{tps} run {i + 1}: total {r['report']['seconds']['total']:.2f} s, "
                           f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr)

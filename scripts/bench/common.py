@@ -143,6 +143,27 @@ class Clock:
         return _Stage()
 
 
+# Runs a command and prints the peak RSS (KiB on Linux) of its process tree: the wrapper itself
+# stays small, and RUSAGE_CHILDREN covers every waited-for descendant (tokenizer workers too).
+_RSS_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def timed_run(data: list[Path], out: Path, extra: list[str], python: str = sys.executable) -> dict:
+    """One `python -m pipeline run DATA... --out OUT --no-progress EXTRA...` in a fresh process,
+    as a user runs it: its report.json, wall time and the peak RSS of its process tree."""
+    import subprocess
+
+    cmd = [python, "-c", _RSS_WRAPPER, python, "-m", "pipeline", "run", *map(str, data), "--out", str(out),
+           "--no-progress", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak_kib = int(proc.stdout.strip().splitlines()[-1])
+    return {"report": json.loads((out / "report.json").read_text()), "wall_seconds": wall,
+            "peak_rss_mb": peak_kib / 1024}
+
+
 def dump(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
