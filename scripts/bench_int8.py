@@ -44,14 +44,15 @@ def main() -> int:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    from pipeline.__main__ import default_model
-    from pipeline.modeldir import ModelDirError, load_model_info
+    from pipeline.cli import default_model
+    from pipeline.engine.modeldir import ModelDirError, load_model_info
 
     fp32 = default_model()
     int8_dir = args.int8 or fp32.path.parent / f"{fp32.name}-int8"
     try:
-        current = load_model_info(int8_dir).raw["quantization"]["source_params_sha256"] == fp32.checksum
-    except (ModelDirError, KeyError):
+        q = load_model_info(int8_dir).quantization
+        current = q is not None and q.source_params_sha256 == fp32.checksum
+    except ModelDirError:
         current = False
     if args.int8 is None and not current:
         subprocess.run([sys.executable, "-m", "pipeline", "quantize", str(fp32.path), "--calib", str(DEFAULT_INPUT),
@@ -77,9 +78,10 @@ def main() -> int:
                           "rows_per_second": rep["rows"]["scored"] / total, "metrics": rep["metrics"],
                           "peak_rss_mb_median": statistics.median(r["peak_rss_mb"] for r in rs)}
     speedup = summary["int8"]["rows_per_second"] / summary["fp32"]["rows_per_second"]
-    gate = int8.raw["quantization"]["gate"]
+    assert int8.quantization is not None, f"{int8.path} is not a quantised model"
+    gate = int8.quantization.record["gate"]
     result = {"input": str(DEFAULT_INPUT), "repeats": args.repeats, "fp32_model": str(fp32.path),
-              "int8_model": str(int8.path), "int8_linears": int8.raw["quantization"]["method"].get("int8_linears"),
+              "int8_model": str(int8.path), "int8_linears": list(int8.quantization.int8_linears),
               "runs": summary, "speedup_rows_per_second": speedup, "max_abs_score_diff": max_diff, "gate": gate}
     out = args.out or args.workdir / "int8.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -106,7 +106,7 @@ def ensure_bench_venv(skip: bool) -> dict:
 def ensure_runtime_model() -> None:
     if not MAIN_PYTHON.exists():
         raise SystemExit(f"{MAIN_PYTHON} is missing: run ./run.sh once to create the main venv")
-    subprocess.run([str(MAIN_PYTHON), "-c", "import zlib; from pipeline.__main__ import default_model; default_model()"],
+    subprocess.run([str(MAIN_PYTHON), "-c", "import zlib; from pipeline.cli import default_model; default_model()"],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 

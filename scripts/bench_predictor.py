@@ -17,7 +17,7 @@ layers, QK^T and attention x V at the batch's sequence length), as the peer figu
 
 from __future__ import annotations
 
-import zlib  # noqa: F401 - before paddle (see pipeline/predictor.py)
+import zlib  # noqa: F401 - before paddle (see pipeline/engine/predictor.py)
 
 import argparse
 import json
@@ -51,7 +51,7 @@ def single_core_peak_gflops() -> float:
 
 
 def flops_per_token(info, seq: int) -> float:
-    c = info.raw["architecture"]
+    c = info.architecture
     h, f, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     linear = 2 * (4 * h * h + 2 * h * f)  # QKV + attention out + the two FFN Linears
     attention = 2 * 2 * seq * h  # QK^T and attention x V
@@ -68,11 +68,11 @@ def main() -> int:
 
     import numpy as np
 
-    from pipeline.modeldir import load_model_info
-    from pipeline.predictor import PaddlePredictor, PredictorSettings
+    from pipeline.engine.modeldir import load_model_info
+    from pipeline.engine.predictor import PaddlePredictor, PredictorSettings
 
     if not args.models:
-        from pipeline.__main__ import default_model
+        from pipeline.cli import default_model
 
         args.models = [default_model().path]
     infos = [load_model_info(m) for m in args.models]

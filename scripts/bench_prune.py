@@ -22,7 +22,7 @@ punctuation). Its rows/s is measured on the first 500 pairs by default, so it fi
 
 from __future__ import annotations
 
-import zlib  # noqa: F401 - before paddle (see pipeline/predictor.py)
+import zlib  # noqa: F401 - before paddle (see pipeline/engine/predictor.py)
 
 import argparse
 import csv
@@ -100,8 +100,8 @@ def first_pairs(src: Path, dst: Path, n: int) -> Path:
 
 def predictor_creation_seconds(dirs: list[Path], threads: int, repeats: int = 3) -> list[float]:
     """Median creation time of a PaddlePredictor per model, the models alternating each round."""
-    from pipeline.modeldir import load_model_info
-    from pipeline.predictor import PaddlePredictor, PredictorSettings
+    from pipeline.engine.modeldir import load_model_info
+    from pipeline.engine.predictor import PaddlePredictor, PredictorSettings
 
     times: list[list[float]] = [[] for _ in dirs]
     for _ in range(repeats):
@@ -154,7 +154,7 @@ def main() -> int:
     elif args.model:
         full, rate_pairs = args.model, args.rate_pairs
     else:
-        from pipeline.__main__ import default_model
+        from pipeline.cli import default_model
 
         full, rate_pairs = default_model().path, args.rate_pairs
     pruned = work / "pruned"
@@ -164,7 +164,7 @@ def main() -> int:
     prepare["prune_seconds"] = time.perf_counter() - t0
     run_data = [first_pairs(args.data[0], work / "rate.tsv", rate_pairs)] if rate_pairs else list(args.data)
 
-    from pipeline.modeldir import load_model_info
+    from pipeline.engine.modeldir import load_model_info
 
     infos = [load_model_info(full), load_model_info(pruned)]
     creation = predictor_creation_seconds([full, pruned], threads)

@@ -46,7 +46,7 @@ def main() -> int:
     data = args.workdir / "bench_pairs.tsv"
     n_pairs, texts = build_dataset(data, args.pairs)
 
-    from pipeline.__main__ import default_model
+    from pipeline.cli import default_model
 
     default_model()  # converts into the cache if needed, outside the timed runs
     runs: dict[tuple, list[dict]] = {(b, c): [] for b in loads for c in configs}

@@ -9,7 +9,7 @@ MODEL_DIR defaults to the converted default model. The optimised program is what
 
 from __future__ import annotations
 
-import zlib  # noqa: F401 - before paddle (see pipeline/predictor.py)
+import zlib  # noqa: F401 - before paddle (see pipeline/engine/predictor.py)
 
 import argparse
 import json
@@ -38,11 +38,11 @@ def main() -> int:
 
     import numpy as np
 
-    from pipeline.modeldir import load_model_info
-    from pipeline.predictor import PaddlePredictor, PredictorSettings
+    from pipeline.engine.modeldir import load_model_info
+    from pipeline.engine.predictor import PaddlePredictor, PredictorSettings
 
     if args.model is None:
-        from pipeline.__main__ import default_model
+        from pipeline.cli import default_model
 
         info = default_model()
     else:
@@ -55,7 +55,7 @@ def main() -> int:
         optimised_file = next(Path(d).rglob("_optimized.pdmodel"))
         optimised = op_counts(optimised_file)
     names = sorted(set(exported) | set(optimised), key=lambda n: (-optimised.get(n, 0), -exported.get(n, 0), n))
-    print(f"{info.name} ({info.num_hidden_layers} layers, hidden {info.hidden_size}, mode {info.mode})")
+    print(f"{info.name} ({info.num_hidden_layers} layers, hidden {info.hidden_size}, task {info.task})")
     print(f"{'op type':<32}{'exported':>10}{'optimised':>11}")
     for n in names:
         print(f"{n:<32}{exported.get(n, 0):>10}{optimised.get(n, 0):>11}")

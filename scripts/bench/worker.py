@@ -14,13 +14,14 @@ Systems (the parent runs each with the right interpreter):
 - st-torch, st-onnx, st-openvino
                  .venv-bench: sentence-transformers `encode` (its own length-sorted batches of 32,
                  padded per batch) on the distinct texts of the file, with the given backend.
-- ort-p2o        .venv-bench: onnxruntime on our runtime model exported by paddle2onnx, with the
-                 pipeline's tokenizer and its length-sorted token-budget batches on the distinct
-                 texts (tokenized in this process).
+- ort-p2o        .venv-bench: onnxruntime on our runtime model exported by paddle2onnx, as the
+                 backend of the pipeline's own `Engine` (its tokenizer, length-sorted token-budget
+                 batches and padding) on the distinct texts (tokenized in this process).
 - engine-paddle, engine-ort
                  diagnosis only (bench_peers.py --diagnose): the Paddle predictor (main venv) or
-                 onnxruntime on the paddle2onnx export (.venv-bench) alone on the pipeline's batches,
-                 two passes (the first pays each new batch shape's set-up, the second does not).
+                 onnxruntime on the paddle2onnx export (.venv-bench) as the backend of the
+                 pipeline's `Engine`, alone on the pipeline's batches, two passes (the first pays
+                 each new batch shape's set-up, the second does not).
 """
 
 from __future__ import annotations
@@ -242,53 +243,99 @@ def batching_settings(args, info) -> dict:
     return {"max_batch_tokens": s.max_batch_tokens, "max_batch_size": s.max_batch_size, "pad_multiple": s.pad_multiple}
 
 
+class TimedBackend:
+    """A backend (`pipeline.engine.engine.Backend`) whose calls are timed: each call's seconds in
+    `calls`, in call order (one stream, so that is the engine's batch order), and their sum in
+    `clock[stage]` when a clock is given."""
+
+    concurrency = 1
+
+    def __init__(self, run, clock: Clock | None = None, stage: str = "infer"):
+        self._run, self._clock, self._stage, self.calls = run, clock, stage, []
+
+    def run(self, input_ids, token_type_ids, attention_mask):
+        t0 = time.perf_counter()
+        out = self._run(input_ids, token_type_ids, attention_mask)
+        dt = time.perf_counter() - t0
+        self.calls.append(dt)
+        if self._clock is not None:
+            self._clock.seconds[self._stage] = self._clock.seconds.get(self._stage, 0.0) + dt
+        return out
+
+
+def ort_runner(onnx: Path, threads: int, optimize: bool):
+    """onnxruntime on the paddle2onnx export: a function of the three padded arrays."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*arrays):
+        return sess.run(None, dict(zip(names, arrays)))[0]
+
+    return run
+
+
+def pipeline_settings(info, bs: dict, threads: int):
+    """`EngineSettings` of one stream of `threads` threads with the pipeline's batching settings."""
+    from pipeline.engine.engine import EngineSettings
+
+    return EngineSettings(max_seq_len=info.max_seq_len, max_batch_tokens=bs["max_batch_tokens"],
+                          max_batch_size=bs["max_batch_size"], pad_multiple=bs["pad_multiple"],
+                          threads=threads, streams=1)
+
+
+def pipeline_engine(info, bs: dict, threads: int, backend):
+    """Our engine (tokenizer, batch plan, padding, output order) on `backend`."""
+    from pipeline.engine.engine import Engine
+
+    return Engine(info, pipeline_settings(info, bs, threads), backend)
+
+
 # ----------------------------------------------------------------------------- 4. onnxruntime on paddle2onnx
 
 
 def run_ort(args, clock: Clock) -> dict:
+    """Our engine with onnxruntime as its backend: the pipeline's tokenizer, batch plan and
+    padding (`Engine.run_encoded`), in this process. Stages: read, tokenize, infer (the
+    onnxruntime calls), batch (planning, padding and placing outputs: the rest of run_encoded),
+    cosine."""
     import numpy as np
-    import onnxruntime as ort
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.batching import pad_batch, plan_batches
-    from pipeline.modeldir import load_model_info
-    from pipeline.tokenizer import WordPieceTokenizer
+    from pipeline.engine.engine import cosine, distinct
+    from pipeline.engine.modeldir import load_model_info
 
     info = load_model_info(args.runtime_model)
     bs = batching_settings(args, info)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(args.onnx), so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    tok = WordPieceTokenizer(info.vocab_file, info.tokenizer)
+    engine = pipeline_engine(info, bs, args.threads, TimedBackend(ort_runner(args.onnx, args.threads, True), clock))
     load_done = time.perf_counter()
 
     t0 = time.perf_counter()
     with clock("read"):
         data = read_pairs(args.data)
-    texts, qi, di = distinct(data)
+    n = len(data["qid"])
+    texts, idx = distinct(data["query"] + data["doc"])
     with clock("tokenize"):
-        enc = tok.encode_single(texts, info.max_seq_len)
-        batches = plan_batches(enc.lengths, bs["max_batch_tokens"], bs["max_batch_size"], bs["pad_multiple"])
-    emb = None
-    for b in batches:
-        with clock("pad"):
-            ids, types, mask = pad_batch(enc, b, tok.pad_id)
-        with clock("infer"):
-            out = sess.run(None, dict(zip(names, (ids, types, mask))))[0]
-        if emb is None:
-            emb = np.empty((len(texts), out.shape[1]), dtype=np.float32)
-        emb[b.rows] = out
+        enc = engine.text.texts(texts, info.max_seq_len)
+    t_run = time.perf_counter()
+    emb, stats = engine.run_encoded(enc)
+    clock.seconds["batch"] = time.perf_counter() - t_run - clock.seconds.get("infer", 0.0)
     with clock("cosine"):
-        scores = cosines(emb, qi, di)
+        scores = cosine(emb.astype(np.float64), idx[:n], idx[n:])
     seconds = time.perf_counter() - t0
+    engine.close()
     return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": len(texts),
-            "real_tokens": int(enc.lengths.sum()), "padded_tokens": int(sum(b.padded_tokens for b in batches)),
-            "batches": len(batches), "dedupe": True, "precision": "fp32",
+            "real_tokens": stats.tokens, "padded_tokens": stats.padded_tokens,
+            "batches": stats.batches, "dedupe": True, "precision": "fp32",
             "settings": {**bs, "onnx": str(args.onnx), "intra_op_threads": args.threads,
-                         "graph_optimization": "ORT_ENABLE_ALL", "tokenizer": "pipeline WordPieceTokenizer, in-process"},
+                         "graph_optimization": "ORT_ENABLE_ALL",
+                         "tokenizer": "pipeline TextEncoder, in-process; batches by pipeline Engine"},
             "versions": versions(["onnxruntime", "tokenizers", "numpy"])}
 
 
@@ -296,57 +343,48 @@ def run_ort(args, clock: Clock) -> dict:
 
 
 def run_engine(args, clock: Clock, engine: str) -> dict:
-    """The inference engine alone on the pipeline's batches of the distinct texts, two passes:
-    the first includes whatever each new batch shape costs the engine the first time (oneDNN
-    primitive creation, ...), the second shows the steady-state kernels."""
+    """The inference engine alone under our `Engine` on the pipeline's batches of the distinct
+    texts (tokenized beforehand), two passes of `run_encoded`: the first includes whatever each
+    new batch shape costs the engine the first time (oneDNN primitive creation, ...), the second
+    shows the steady-state kernels. Pass seconds include padding; per-batch seconds are the
+    backend call alone."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.batching import pad_batch, plan_batches
-    from pipeline.modeldir import load_model_info
-    from pipeline.tokenizer import WordPieceTokenizer
+    from pipeline.engine.engine import cosine, distinct
+    from pipeline.engine.modeldir import load_model_info
 
     info = load_model_info(args.runtime_model)
     bs = batching_settings(args, info)
     if engine == "paddle":
-        from pipeline.predictor import PaddlePredictor, PredictorSettings
+        from pipeline.engine.engine import create_backend
 
-        pred = PaddlePredictor(info, PredictorSettings(threads=args.threads))
-        run = pred.run
+        inner = create_backend(info, pipeline_settings(info, bs, args.threads)).run
     else:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(args.onnx), so, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-
-        def run(*arrays):
-            return sess.run(None, dict(zip(names, arrays)))[0]
+        inner = ort_runner(args.onnx, args.threads, False)
+    backend = TimedBackend(inner)
+    eng = pipeline_engine(info, bs, args.threads, backend)
     load_done = time.perf_counter()
     data = read_pairs(args.data)
-    texts, qi, di = distinct(data)
-    tok = WordPieceTokenizer(info.vocab_file, info.tokenizer)
-    enc = tok.encode_single(texts, info.max_seq_len)
-    batches = plan_batches(enc.lengths, bs["max_batch_tokens"], bs["max_batch_size"], bs["pad_multiple"])
-    padded = [pad_batch(enc, b, tok.pad_id) for b in batches]
+    n = len(data["qid"])
+    texts, idx = distinct(data["query"] + data["doc"])
+    enc = eng.text.texts(texts, info.max_seq_len)
+    batches = eng.plan(enc)  # the plan run_encoded follows
     per_batch = [[len(b.rows), b.seq_len] for b in batches]
-    emb = np.empty((len(texts), 384), dtype=np.float32)
     passes = []
-    for p in range(2):
-        t_pass = time.perf_counter()
-        for b, arrays, row in zip(batches, padded, per_batch):
-            t0 = time.perf_counter()
-            emb[b.rows] = run(*arrays)
-            row.append(time.perf_counter() - t0)
-        passes.append(time.perf_counter() - t_pass)
-    scores = cosines(emb, qi, di)
-    padded_tokens = int(sum(b.padded_tokens for b in batches))
+    for _ in range(2):
+        backend.calls.clear()
+        emb, stats = eng.run_encoded(enc)
+        passes.append(stats.seconds)
+        assert len(backend.calls) == len(per_batch)
+        for row, dt in zip(per_batch, backend.calls):
+            row.append(dt)
+    eng.close()
+    scores = cosine(emb.astype(np.float64), idx[:n], idx[n:])
     return {"scores": scores, "load_done": load_done, "seconds": passes[1], "texts_encoded": len(texts),
-            "real_tokens": int(enc.lengths.sum()), "padded_tokens": padded_tokens, "batches": len(batches),
+            "real_tokens": stats.tokens, "padded_tokens": stats.padded_tokens, "batches": stats.batches,
             "dedupe": True, "precision": "fp32", "engine": engine, "pass_seconds": passes,
-            "padded_tokens_per_second_warm": padded_tokens / passes[1],
+            "padded_tokens_per_second_warm": stats.padded_tokens / passes[1],
             "distinct_shapes": len({(r[0], r[1]) for r in per_batch}),
             "per_batch": per_batch,  # [rows, seq_len, first pass s, second pass s]
             "versions": versions(["paddlepaddle", "onnxruntime", "numpy"])}
