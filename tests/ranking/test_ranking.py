@@ -1,4 +1,5 @@
-"""Tests for pipeline.ranking against brute-force references written with plain Python loops.
+"""Tests for pipeline.ranking (order, pairs, metrics) against brute-force references written with
+plain Python loops.
 
 The references enumerate every pair and compute every DCG term explicitly, deliberately sharing
 no code or trick (hashing, lexsort, inversion counting) with the vectorised implementation.
@@ -16,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import ranking
+from pipeline.ranking import order as order_module
+from pipeline.ranking import pairs
 from pipeline.ranking import RankingMetrics, rank_per_query, ranking_metrics
 
 TOL = 1e-12
@@ -173,7 +175,7 @@ def test_rank_empty() -> None:
 
 def test_rank_survives_hash_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
     """Grouping must stay exact even if every qid hashes to the same value."""
-    monkeypatch.setattr(ranking, "_string_hashes", lambda v: np.zeros(len(v), dtype=np.int64))
+    monkeypatch.setattr(order_module, "_string_hashes", lambda v: np.zeros(len(v), dtype=np.int64))
     qid = ["b", "a", "b", "c", "a"]
     doc = ["1", "2", "3", "4", "5"]
     score = [0.1, 0.2, 0.3, 0.4, 0.5]
@@ -287,13 +289,13 @@ def test_rank_matches_reference(rows: list[tuple], unicode_dtype: bool) -> None:
     assert rank.tolist() == want_rank
 
 
-@pytest.mark.parametrize("max_labels_for_cumsum", [0, ranking._MAX_LABELS_FOR_CUMSUM])
+@pytest.mark.parametrize("max_labels_for_cumsum", [0, pairs._MAX_LABELS_FOR_CUMSUM])
 @settings(max_examples=300, deadline=None)
 @given(rows=st.lists(row, max_size=40), k=st.integers(1, 12))
 def test_metrics_match_reference(rows: list[tuple], k: int, max_labels_for_cumsum: int) -> None:
     """Both PNR strategies (merge count, per-label cumulative count) against brute force."""
     qid, doc, label, score = (list(col) for col in zip(*rows)) if rows else ([], [], [], [])
-    with mock.patch.object(ranking, "_MAX_LABELS_FOR_CUMSUM", max_labels_for_cumsum):
+    with mock.patch.object(pairs, "_MAX_LABELS_FOR_CUMSUM", max_labels_for_cumsum):
         got = ranking_metrics(*arrays(qid, doc, label, score), k=k)
     assert_metrics_equal(got, ref_metrics(qid, doc, label, score, k=k))
 
@@ -304,7 +306,7 @@ def test_count_ascending_pairs_matches_brute_force(keys: list[int]) -> None:
     want = sum(
         1 for i in range(len(keys)) for j in range(i + 1, len(keys)) if keys[i] < keys[j]
     )
-    assert ranking._count_ascending_pairs(np.array(keys, dtype=np.int64)) == want
+    assert pairs._count_ascending_pairs(np.array(keys, dtype=np.int64)) == want
 
 
 # --------------------------------------------------------------------------- scale

@@ -1,0 +1,264 @@
+"""The ranking tasks' final files, built from the committed windows of a `RunStore` (no paddle).
+
+- `predictions.tsv`: `qid \\t label \\t score` per scored pair, in input order (competition layout).
+- `rejects.tsv`: `file, line, row, qid, doc_id, reason` per rejected row, in input order.
+- `ranked.tsv`: `qid, doc_id, rank, score`, per qid by descending score (ties by doc_id).
+- `run.trec`: the same ranking as a TREC run file.
+
+They are written into the store's `.partial/` folder; `RunStore.publish` moves them into OUT.
+
+Memory stays flat in the number of rows. Pass 1 reads the parts one window at a time, writes
+predictions.tsv, numbers the qids by first appearance and scatters each window's rows by bucket
+(`QUERIES_PER_BUCKET` consecutive query numbers) into one scratch file per window, holding one
+Arrow IPC stream per bucket at offsets kept in memory. Pass 2 reads each bucket's pieces back
+(one file open at a time, whatever the number of buckets) and ranks it on its own. The state
+that grows is the per-query numbering only: 16 bytes a query (64-bit hashes of the qids and their
+numbers). A hash collision would merge two qids; pass 2 checks every bucket for that and, if it
+ever happens, everything is redone with exact string keys.
+
+`cancel.check()` runs between windows and between buckets: a cancelled finish raises
+`pipeline.cancel.Cancelled` and leaves the committed windows as they were (resumable).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cancel import CancelToken
+from pipeline.io.store import REJECT_COLUMNS, RunStore
+from pipeline.memory import release_free_memory
+from pipeline.ranking import RankingMetrics, combine_metrics, rank_per_query, ranking_metrics
+
+__all__ = ["QUERIES_PER_BUCKET", "RANKING_COLUMNS", "format_label", "format_score", "write_ranking_outputs"]
+
+QUERIES_PER_BUCKET = 4096
+RANKING_COLUMNS = ("qid", "doc_id", "label", "score")  # what the committed table must hold
+SCRATCH = "buckets"
+_BUCKET_SCHEMA = pa.schema([("code", pa.int64()), ("qid", pa.string()), ("doc_id", pa.string()),
+                            ("label", pa.float64()), ("score", pa.float64())])
+
+
+def format_score(x: float) -> str:
+    """Full precision: the shortest text that reads back as the same double."""
+    return repr(float(x))
+
+
+def format_label(x: float) -> str:
+    if math.isnan(x):
+        return ""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+class _QidCollision(Exception):
+    """Two different qids got the same 64-bit hash (and so the same number)."""
+
+
+def _hash_keys(qids: list[str]) -> np.ndarray:
+    return np.fromiter(map(hash, qids), dtype=np.int64, count=len(qids))
+
+
+class _HashedFirstSeen:
+    """Numbers qids 0, 1, ... in order of first appearance, keeping 16 bytes a qid: sorted runs
+    of (hash, number) whose sizes halve from one run to the next (merged like a binary counter,
+    so every key is merged O(log n) times)."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.count = 0
+
+    def codes(self, qids: list[str]) -> np.ndarray:
+        keys, first, inverse = np.unique(_hash_keys(qids), return_index=True, return_inverse=True)
+        code = np.full(len(keys), -1, dtype=np.int64)
+        for run_keys, run_codes in self.runs:
+            pos = np.minimum(np.searchsorted(run_keys, keys), len(run_keys) - 1)
+            hit = run_keys[pos] == keys
+            code[hit] = run_codes[pos[hit]]
+        new = np.flatnonzero(code < 0)  # ascending, so keys[new] stays sorted
+        code[new[np.argsort(first[new], kind="stable")]] = np.arange(self.count, self.count + len(new))
+        self.count += len(new)
+        if len(new):
+            self._add_run(keys[new], code[new])
+        return code[inverse.reshape(-1)]
+
+    def _add_run(self, keys: np.ndarray, codes: np.ndarray) -> None:
+        self.runs.append((keys, codes))
+        while len(self.runs) > 1 and 2 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+            (k2, c2), (k1, c1) = self.runs.pop(), self.runs.pop()
+            at = np.searchsorted(k1, k2) + np.arange(len(k2))  # where k2's keys land in the merge
+            merged_k, merged_c = np.empty(len(k1) + len(k2), np.int64), np.empty(len(k1) + len(k2), np.int64)
+            from_2 = np.zeros(len(merged_k), dtype=bool)
+            from_2[at] = True
+            merged_k[at], merged_c[at] = k2, c2
+            merged_k[~from_2], merged_c[~from_2] = k1, c1
+            self.runs.append((merged_k, merged_c))
+
+
+class _ExactFirstSeen:
+    """The same numbering with the qid strings as keys (the fallback after a hash collision)."""
+
+    def __init__(self) -> None:
+        self.code_of: dict[str, int] = {}
+
+    def codes(self, qids: list[str]) -> np.ndarray:
+        code_of = self.code_of
+        return np.fromiter((code_of.setdefault(q, len(code_of)) for q in qids), np.int64, len(qids))
+
+
+def write_ranking_outputs(store: RunStore, tag: str, labelled: bool, cancel: CancelToken | None = None,
+                          queries_per_bucket: int | None = None) -> RankingMetrics | None:
+    """Build predictions.tsv, ranked.tsv, run.trec and rejects.tsv in `store.partial` from the
+    committed windows (each holding `RANKING_COLUMNS`); returns the metrics when `labelled`
+    and any label exists. Sets `store.rank_seconds` (time spent ranking and in metrics)."""
+    cancel = cancel or CancelToken()
+    per_bucket = queries_per_bucket or QUERIES_PER_BUCKET  # read at call time: tests change it
+    scratch = store.partial / SCRATCH
+    try:
+        try:
+            metrics = _rank_all(store, tag, labelled, cancel, per_bucket, _HashedFirstSeen())
+        except _QidCollision:
+            metrics = _rank_all(store, tag, labelled, cancel, per_bucket, _ExactFirstSeen())
+        _write_rejects(store, cancel)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return metrics
+
+
+def _rank_all(store: RunStore, tag: str, labelled: bool, cancel: CancelToken, per_bucket: int,
+              first_seen) -> RankingMetrics | None:
+    store.rank_seconds = 0.0
+    scratch = store.partial / SCRATCH
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    pieces = _predictions_and_scatter(store, scratch, cancel, per_bucket, first_seen)
+    return _rank_buckets(store, scratch, pieces, tag, labelled, cancel)
+
+
+def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end positions of the runs of equal values in a sorted array."""
+    if len(sorted_keys) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
+    return starts, np.append(starts[1:], len(sorted_keys))
+
+
+# --------------------------------------------------------------------------- pass 1
+
+
+def _predictions_and_scatter(store: RunStore, scratch: Path, cancel: CancelToken, per_bucket: int,
+                             first_seen) -> np.ndarray:
+    """Write predictions.tsv and every window's bucket pieces; returns the pieces as rows of
+    (bucket, window, offset, size), in window order."""
+    index = [np.zeros((0, 4), dtype=np.int64)]
+    with open(store.partial / "predictions.tsv", "w", encoding="utf-8", newline="\n") as pred:
+        for w in range(store.windows):
+            cancel.check()
+            part = store.read_part(w, columns=RANKING_COLUMNS)
+            qid = part["qid"].to_pylist()
+            label, score = part["label"].to_numpy(), part["score"].to_numpy()
+            pred.write("".join(f"{q}\t{format_label(y)}\t{format_score(s)}\n"
+                               for q, y, s in zip(qid, label.tolist(), score.tolist())))
+            code = first_seen.codes(qid)
+            table = pa.table([pa.array(code), part["qid"], part["doc_id"], part["label"], part["score"]],
+                             names=_BUCKET_SCHEMA.names).cast(_BUCKET_SCHEMA)
+            index.append(_scatter_window(scratch / f"{w:06d}.arrows", w, table, code // per_bucket))
+            del part, qid, table
+    return np.concatenate(index)
+
+
+def _scatter_window(path: Path, w: int, table: pa.Table, bucket: np.ndarray) -> np.ndarray:
+    """The window's rows grouped by bucket (input order kept inside each), one IPC stream per
+    bucket written one after another into `path`."""
+    order = np.argsort(bucket, kind="stable")
+    bucket = bucket[order]
+    starts, ends = _runs(bucket)
+    table = table.take(pa.array(order)).combine_chunks()
+    rows = np.zeros((len(starts), 4), dtype=np.int64)
+    offset = 0
+    with open(path, "wb") as f:
+        for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table.slice(s, e - s))
+            buf = sink.getvalue()
+            f.write(buf)
+            rows[i] = (bucket[s], w, offset, buf.size)
+            offset += buf.size
+    return rows
+
+
+# --------------------------------------------------------------------------- pass 2
+
+
+def _rank_buckets(store: RunStore, scratch: Path, pieces: np.ndarray, tag: str, labelled: bool,
+                  cancel: CancelToken) -> RankingMetrics | None:
+    pieces = pieces[np.argsort(pieces[:, 0], kind="stable")]  # by bucket, windows in order
+    starts, ends = _runs(pieces[:, 0])
+    metrics = []
+    with open(store.partial / "ranked.tsv", "w", encoding="utf-8", newline="\n") as ranked, \
+            open(store.partial / "run.trec", "w", encoding="utf-8", newline="\n") as trec:
+        ranked.write("qid\tdoc_id\trank\tscore\n")
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            cancel.check()
+            m = _rank_bucket(store, _read_bucket(scratch, pieces[s:e]), ranked, trec, tag, labelled)
+            if m is not None:
+                metrics.append(m)
+            release_free_memory()
+    return combine_metrics(metrics) if metrics else None
+
+
+def _read_bucket(scratch: Path, pieces: np.ndarray) -> pa.Table:
+    tables = []
+    for _, w, offset, size in pieces.tolist():
+        with open(scratch / f"{w:06d}.arrows", "rb") as f:
+            f.seek(offset)
+            tables.append(pa.ipc.open_stream(f.read(size)).read_all())
+    return pa.concat_tables(tables)
+
+
+def _rank_bucket(store: RunStore, rows: pa.Table, ranked, trec, tag: str, labelled: bool) -> RankingMetrics | None:
+    code = rows["code"].to_numpy()
+    # Codes follow first appearance, so sorting by code keeps rank_per_query's "qids in order of
+    # first appearance" across buckets.
+    first = np.argsort(code, kind="stable")
+    code = code[first]
+    qid = rows["qid"].to_numpy(zero_copy_only=False)[first]
+    same = code[1:] == code[:-1]
+    if (qid[1:][same] != qid[:-1][same]).any():
+        raise _QidCollision()
+    doc = rows["doc_id"].to_numpy(zero_copy_only=False)[first]
+    label = rows["label"].to_numpy()[first]
+    score = rows["score"].to_numpy()[first]
+    t0 = time.perf_counter()
+    order, rank = rank_per_query(qid, doc, score)
+    store.rank_seconds += time.perf_counter() - t0
+    out = [(qid[i], doc[i], rank[i], format_score(score[i])) for i in order]
+    ranked.write("".join(f"{q}\t{d}\t{r}\t{s}\n" for q, d, r, s in out))
+    # TREC fields are space-separated: spaces inside ids would shift columns.
+    trec.write("".join(f"{q.replace(' ', '_')} Q0 {d.replace(' ', '_')} {r} {s} {tag}\n" for q, d, r, s in out))
+    if not labelled or np.all(np.isnan(label)):
+        return None
+    t0 = time.perf_counter()
+    m = ranking_metrics(qid, doc, label, score)
+    store.rank_seconds += time.perf_counter() - t0
+    return m
+
+
+# --------------------------------------------------------------------------- rejects
+
+
+def _write_rejects(store: RunStore, cancel: CancelToken) -> None:
+    """Windows cover consecutive rows and each window's rejects are sorted by row, so writing
+    them window after window is input order."""
+    with open(store.partial / "rejects.tsv", "w", encoding="utf-8", newline="\n") as out:
+        out.write("\t".join(REJECT_COLUMNS) + "\n")
+        for w in range(store.windows):
+            cancel.check()
+            t = store.read_rejects(w)
+            cols = [t[c].to_pylist() for c in REJECT_COLUMNS]
+            out.write("".join("\t".join(map(str, fields)) + "\n" for fields in zip(*cols)))
