@@ -12,8 +12,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.modeldir import ModelInfo
-from pipeline.reader import ColumnMap
+from pipeline.engine.engine import EngineSettings
+from pipeline.engine.modeldir import ModelInfo
+from pipeline.io.reader import ColumnMap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = REPO_ROOT / "data" / "sample"
@@ -106,20 +107,31 @@ class Settings:
     def threads_per_stream(self) -> int:
         return max(1, self.threads // self.streams)
 
+    @property
+    def engine(self) -> EngineSettings:
+        return EngineSettings(
+            max_seq_len=self.max_seq_len, max_batch_tokens=self.max_batch_tokens, max_batch_size=self.max_batch_size,
+            pad_multiple=self.pad_multiple, threads=self.threads, streams=self.streams, device=self.device,
+            precision=self.precision, tensorrt=self.tensorrt, trt_varlen=self.trt_varlen)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
+    from pipeline.tasks import get_task
+
     cores = cpu_count()
-    mode = cfg.mode or info.mode
-    if mode not in ("cross", "bi"):
-        raise ConfigError(f"--mode must be cross or bi, got {mode!r}")
-    if mode != info.mode:
+    mode = cfg.mode or info.task
+    task = get_task(mode)
+    if mode != info.task:
         raise ConfigError(
             f"--mode {mode} does not match the model {info.path}, which was converted for "
-            f"'{info.mode}' scoring (convert again with --mode {mode})"
+            f"'{info.task}' scoring (convert again with --mode {mode})"
         )
+    if task.model_output != info.output:
+        raise ConfigError(f"{info.path} outputs {info.output}s, but task {mode!r} needs {task.model_output}s; "
+                          f"convert the checkpoint again")
     if cfg.device not in ("cpu", "gpu") or cfg.precision not in ("fp32", "fp16"):
         raise ConfigError(f"--device must be cpu or gpu and --precision fp32 or fp16 (got {cfg.device}, {cfg.precision})")
     if cfg.precision == "fp16" and cfg.device != "gpu":

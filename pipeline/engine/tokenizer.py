@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.modeldir import TokenizerSettings
+from pipeline.engine.modeldir import ModelDirError, TokenizerSettings
 
 # A text longer than this many characters per wanted token is cut before tokenizing, so a
 # 1 MB field costs no more than a normal one (see `WordPieceTokenizer.token_ids`).
@@ -111,7 +111,8 @@ class WordPieceTokenizer:
         vocab = read_vocab(vocab_file)
         missing = [t for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]") if t not in vocab]
         if missing:
-            raise ValueError(f"{vocab_file} lacks the special tokens {missing}")
+            raise ModelDirError(f"{vocab_file} lacks the special tokens {missing}, which every sequence needs: "
+                                f"it is not a BERT/ERNIE WordPiece vocab; convert the checkpoint with its own vocab.txt")
         self.cls_id, self.sep_id = vocab["[CLS]"], vocab["[SEP]"]
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
         self.vocab_size = len(vocab)

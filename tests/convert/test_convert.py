@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from pipeline.convert import ConversionError, convert
-from pipeline.modeldir import ModelDirError, load_model_info
+from pipeline.engine.modeldir import ModelDirError, load_model_info
 from tests.conftest import write_hf_checkpoint
 
 
@@ -19,7 +19,8 @@ def test_convert_writes_a_loadable_runtime_dir(ckpt, tmp_path):
     dst = convert(ckpt, tmp_path / "m")
     info = load_model_info(dst)
     meta = json.loads((dst / "model.json").read_text())
-    assert info.mode == "bi" and info.pooling == "mean" and meta["precision"] == "fp32"
+    assert info.task == "bi" and info.pooling == "mean" and meta["precision"] == "fp32"
+    assert info.inputs == ("input_ids", "token_type_ids", "attention_mask") and meta["inputs"] == list(info.inputs)
     assert meta["source"]["layout"] == "hf" and len(meta["source"]["sha256"]) == 64
     assert (dst / "inference.pdmodel").is_file() and (dst / "vocab.txt").is_file()
 
@@ -89,7 +90,7 @@ def test_unknown_target_is_refused_before_anything_is_written(ckpt, tmp_path):
 
 
 def test_split_qkv_slices_the_fused_projection():
-    from pipeline.convert import split_qkv
+    from pipeline.convert.checkpoints import split_qkv
 
     w = np.arange(4 * 12, dtype=np.float32).reshape(4, 12)
     b = np.arange(12, dtype=np.float32)

@@ -21,11 +21,8 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 from paddle import inference as paddle_infer  # noqa: E402
 
-from pipeline.batching import position_ids  # noqa: E402
-from pipeline.modeldir import ModelInfo  # noqa: E402
-
-INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
-POSITION_IDS = "position_ids"  # a fourth input of `--target gpu` exports (see model.ErnieConfig)
+from pipeline.engine.batching import position_ids  # noqa: E402
+from pipeline.engine.modeldir import POSITION_IDS, ModelInfo  # noqa: E402
 
 
 class GpuUnavailable(RuntimeError):
@@ -78,8 +75,7 @@ def build_config(info: ModelInfo, settings: PredictorSettings) -> paddle_infer.C
             if info.precision == "int8":
                 # Quantised model (`python -m pipeline quantize`): only the listed op types run
                 # int8 (oneDNN fc -> gemm_s8s8s32); int8 for every op is ~36x slower here.
-                ops = info.raw.get("quantization", {}).get("onednn_int8_ops", ["fc"])
-                config.enable_mkldnn_int8(set(ops))
+                config.enable_mkldnn_int8(set(info.quantization.onednn_int8_ops))
     else:
         _configure_gpu(config, info, settings)
     # Handles are created once and inputs copied in per batch (zero-copy tensors).
@@ -130,7 +126,7 @@ def gpu_config_calls(info: ModelInfo, settings: PredictorSettings) -> list[tuple
             precision_mode=precision, use_static=settings.trt_cache_dir is not None, use_calib_mode=False)))
         b, s = settings.trt_max_batch, min(settings.trt_max_seq_len, info.max_position_embeddings)
         opt = min(128, s)
-        names = model_input_names(info)
+        names = info.inputs
         calls.append(("set_trt_dynamic_shape_info", (
             {n: [1, 1] for n in names}, {n: [b, s] for n in names}, {n: [b, opt] for n in names}), {}))
         if settings.trt_varlen:
@@ -145,11 +141,6 @@ def gpu_config_calls(info: ModelInfo, settings: PredictorSettings) -> list[tuple
     return calls
 
 
-def model_input_names(info: ModelInfo) -> tuple[str, ...]:
-    """The exported program's inputs: INPUT_NAMES, plus position ids for a `--target gpu` export."""
-    return INPUT_NAMES + ((POSITION_IDS,) if info.raw.get("architecture", {}).get("position_ids_input") else ())
-
-
 def apply_call(config: paddle_infer.Config, name: str, args: tuple, kwargs: dict) -> None:
     """Apply one (method, args, kwargs) of `gpu_config_calls` to a Config."""
     if name.startswith("InternalUtils."):
@@ -161,7 +152,7 @@ def apply_call(config: paddle_infer.Config, name: str, args: tuple, kwargs: dict
 def attention_fusable(info: ModelInfo) -> bool:
     """Whether Paddle's GPU multi-head attention fusion can match this model's program: only the
     `--target gpu` export (separate q/k/v projections); models from before the option are fused."""
-    return info.raw.get("attention", "fused_qkv") == "separate_qkv"
+    return info.attention == "separate_qkv"
 
 
 def _configure_gpu(config: paddle_infer.Config, info: ModelInfo, settings: PredictorSettings) -> None:
@@ -185,7 +176,7 @@ class _Stream:
     """One predictor with its input and output handles (created once; inputs copied per batch)."""
 
     def __init__(self, predictor, info: ModelInfo):
-        names, want = tuple(predictor.get_input_names()), model_input_names(info)
+        names, want = tuple(predictor.get_input_names()), info.inputs
         assert names == want, f"{info.program_file} takes inputs {names}, model.json says {want}"
         self.predictor = predictor
         self.inputs = [predictor.get_input_handle(n) for n in names]

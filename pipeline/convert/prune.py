@@ -34,16 +34,18 @@ from typing import Sequence
 import numpy as np
 
 from pipeline import __version__
-from pipeline.convert import ConversionError, build_model, model_inputs, probe_batch, save_runtime_dir
-from pipeline.modeldir import (
+from pipeline.convert.errors import ConversionError
+from pipeline.convert.export import build_model, model_inputs, probe_batch, save_runtime_dir
+from pipeline.engine.modeldir import (
     ID_MAP_FILE,
+    derived_meta,
     PARAMS_FILE,
     ModelInfo,
     load_model_info,
     sha256_file,
 )
-from pipeline.reader import ColumnMap, DatasetReader, list_input_files
-from pipeline.tokenizer import WordPieceTokenizer, read_vocab
+from pipeline.io.reader import ColumnMap, DatasetReader, list_input_files
+from pipeline.engine.tokenizer import WordPieceTokenizer, read_vocab
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
@@ -129,7 +131,7 @@ def read_runtime_weights(info: ModelInfo) -> dict[str, np.ndarray]:
 
 
 def _predict(info: ModelInfo, batch: dict[str, np.ndarray]) -> np.ndarray:
-    from pipeline.predictor import PaddlePredictor, PredictorSettings
+    from pipeline.engine.predictor import PaddlePredictor, PredictorSettings
 
     return PaddlePredictor(info, PredictorSettings(threads=1)).run(**batch)
 
@@ -149,7 +151,7 @@ def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Pa
     info = load_model_info(model_dir)
     if info.id_map_file is not None:
         raise ConversionError(f"{model_dir} is already pruned; prune its source model "
-                              f"({info.raw['pruning'].get('source_path')}) on all the data instead")
+                              f"({info.pruning.source_path}) on all the data instead")
     files = list_input_files(data)
     vocab = read_vocab(info.vocab_file)
     missing = [t for t in ("[UNK]", "[PAD]", "[CLS]", "[SEP]") if t not in vocab]
@@ -174,10 +176,10 @@ def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Pa
 
     weights = read_runtime_weights(info)
     weights[WORD_EMBEDDINGS] = np.ascontiguousarray(weights[WORD_EMBEDDINGS][kept])
-    arch = info.raw["architecture"]
+    arch = info.architecture
     config = {**arch, "vocab_size": int(len(kept)),
               "pad_token_id": int(id_map[int(arch.get("pad_token_id", 0))])}
-    model = build_model(config, info.mode, weights)  # refuses missing parameters
+    model = build_model(config, info.task, weights)  # refuses missing parameters
     extra = sorted(set(weights) - set(model.state_dict()))
     if extra:
         raise ConversionError(f"{info.params_file} holds parameters the scorer does not have: {extra[:5]}")
@@ -189,7 +191,7 @@ def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Pa
         raise ConversionError(f"the rebuilt pruned model differs from {model_dir} by {err:.3g} on kept ids "
                               f"(limit 1e-4): the parameters were not read back correctly")
 
-    meta = {k: v for k, v in info.raw.items() if k not in ("params_sha256", "vocab_sha256", "pruning")}
+    meta = derived_meta(info, drop=("pruning",))
     meta["name"] = name or f"{info.name}-pruned"
     meta["architecture"] = config
     meta["pruning"] = {

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.modeldir import TokenizerSettings
-from pipeline.tokenizer import Encoded, Ragged, WordPieceTokenizer, assemble_pairs, fit_pretokenized, longest_first
+from pipeline.engine.modeldir import TokenizerSettings
+from pipeline.engine.tokenizer import Encoded, Ragged, WordPieceTokenizer, assemble_pairs, fit_pretokenized, longest_first
 
 MIXED = [
     "百度的ERNIE模型在中文任务上表现很好。",

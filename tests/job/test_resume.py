@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import REPO_ROOT
-from tests.test_runner import _sample_rows, _write_tsv
+from tests.sample_data import sample_rows as _sample_rows, write_tsv as _write_tsv
 
 RESULT_FILES = ("predictions.tsv", "ranked.tsv", "run.trec", "rejects.tsv")
 
@@ -76,9 +76,11 @@ def test_sigkill_then_resume_is_byte_identical(data, tiny_cross_dir, reference, 
     proc = _start(_cmd(data, tiny_cross_dir, out, "--workers", "1"))
     if kill_after_windows:
         _wait_for_windows(proc, out, kill_after_windows)
-    else:
-        time.sleep(0.5)  # during start-up, before any commit
-    workers = _children(proc.pid)
+        workers = _workers(proc.pid)
+    else:  # during start-up, once the tokenizer worker exists and before any commit
+        workers = _wait_for_workers(proc, 1)
+        assert _windows(out) == 0
+    assert workers, "the run has no tokenizer worker to check"
     proc.kill()
     proc.wait()
     assert not (out / "report.json").exists()
@@ -89,7 +91,7 @@ def test_sigkill_then_resume_is_byte_identical(data, tiny_cross_dir, reference, 
     # a part written after the last manifest (a kill between the two) must be ignored
     partial = out / ".partial"
     if partial.exists():
-        (partial / "part-999999.tsv").write_text("garbage\n")
+        (partial / "part-999999.parquet").write_text("garbage\n")
     # without --resume the unfinished run is protected
     if _windows(out) > 0:
         r = subprocess.run(_cmd(data, tiny_cross_dir, out), cwd=REPO_ROOT, capture_output=True, text=True)
@@ -143,6 +145,28 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _workers(pid: int) -> list[int]:
+    """The run's tokenizer worker processes (spawned multiprocessing children, not the resource tracker)."""
+    out = []
+    for k in _children(pid):
+        try:
+            cmd = Path(f"/proc/{k}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+            out.append(k)
+    return out
+
+
+def _wait_for_workers(proc, n: int, timeout: float = 60) -> list[int]:
+    deadline = time.time() + timeout
+    while len(found := _workers(proc.pid)) < n:
+        assert proc.poll() is None, f"run ended before {n} workers started: {proc.communicate()}"
+        assert time.time() < deadline, "no tokenizer worker started"
+        time.sleep(0.01)
+    return found
+
+
 def test_interrupting_concurrent_streams_resumes_identically(data, tiny_cross_dir, reference, tmp_path):
     """Two predictor streams with batches in flight when SIGINT arrives: the run stops at once,
     and resuming with the same settings gives the single-stream reference's bytes (each stream
@@ -166,9 +190,7 @@ def test_dead_tokenizer_worker_ends_the_run_clearly(data, tiny_cross_dir, refere
     out = tmp_path / "out"
     proc = _start(_cmd(data, tiny_cross_dir, out, "--workers", "1"))
     _wait_for_windows(proc, out, 1)
-    workers = [k for k in _children(proc.pid)
-               if b"multiprocessing" in Path(f"/proc/{k}/cmdline").read_bytes() and
-               b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+    workers = _workers(proc.pid)
     assert workers, "no tokenizer worker found"
     for k in workers:
         os.kill(k, signal.SIGKILL)
@@ -182,8 +204,8 @@ def test_dead_tokenizer_worker_ends_the_run_clearly(data, tiny_cross_dir, refere
 
 
 def test_tokenizer_exception_rejects_only_that_row(tiny_cross_dir, tmp_path, monkeypatch):
-    from pipeline import tokenizer
-    from pipeline.__main__ import main
+    from pipeline.engine import tokenizer
+    from pipeline.cli import main
 
     rows = _sample_rows(2)
     poison = rows[3]["doc"]

@@ -27,38 +27,44 @@ paddle and paddleslim are imported only inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.batching import pad_batch, plan_batches
-from pipeline.convert import ConversionError
-from pipeline.modeldir import (
+from pipeline.convert.errors import ConversionError
+from pipeline.convert.gate import (
+    DEFAULT_MAX_LOSS_RATE,
+    GateResult,
+    encode_rows,
+    evaluate_gate,
+    held_out_mask,
+    read_rows,
+)
+from pipeline.engine.batching import pad_batch, plan_batches
+from pipeline.engine.engine import EngineSettings
+from pipeline.engine.modeldir import (
     MODEL_JSON,
     PARAMS_FILE,
     PROGRAM_FILE,
     ModelInfo,
-    load_id_map,
+    derived_meta,
     load_model_info,
     sha256_file,
     staged_dir,
     write_model_json,
 )
-from pipeline.ranking import ranking_metrics
-from pipeline.reader import ColumnMap, DatasetReader, list_input_files
-from pipeline.tokenizer import Encoded, WordPieceTokenizer, fit_pretokenized
+from pipeline.engine.text import TextEncoder, TextEncoderSpec
+from pipeline.engine.tokenizer import Encoded
+from pipeline.io.reader import ColumnMap, list_input_files
 
 INSTALL_HINT = "int8 quantisation needs PaddleSlim: pip install -r requirements-quant.txt"
-GATE_METRICS = ("ndcg_at_10", "pnr")
-DEFAULT_MAX_LOSS_RATE = 0.01
 
 
 LINEAR_KINDS = ("qkv", "attn_out", "ffn_in", "ffn_out")
@@ -79,8 +85,7 @@ class QuantSettings:
     weight_quantize_type: str = "channel_wise_abs_max"
     onednn_int8_ops: tuple[str, ...] = ("fc",)  # ops the predictor runs in int8
     calib_sequences: int = 256  # sequences fed to calibration (at most)
-    calib_batch_size: int = 32
-    max_batch_tokens: int = 8192  # batches of the calibration and gate runs
+    calib_batch_size: int = 32  # calibration batches are cut on the run's token budget (EngineSettings)
 
     def __post_init__(self) -> None:
         unknown = set(self.int8_linears) - set(LINEAR_KINDS)
@@ -88,158 +93,21 @@ class QuantSettings:
             f"int8_linears must be a non-empty subset of {LINEAR_KINDS}, got {self.int8_linears}")
 
 
-@dataclass
-class GateResult:
-    fp32: dict
-    int8: dict
-    loss_rate: dict
-    max_abs_score_diff: float
-    max_loss_rate: float
-    passed: bool
-    rows: int
-    queries: int
-    sequences: int
-    seconds: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class Rows:
-    qid: list[str]
-    doc_id: list[str]
-    label: np.ndarray
-    query: list[str] | None
-    doc: list[str] | None
-    input_ids: list | None
-    token_type_ids: list | None
-
-    def take(self, idx: np.ndarray) -> "Rows":
-        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        return Rows(pick(self.qid), pick(self.doc_id), self.label[idx], pick(self.query), pick(self.doc),
-                    pick(self.input_ids), pick(self.token_type_ids))
-
-    def __len__(self) -> int:
-        return len(self.qid)
-
-
-def read_rows(files: Sequence[Path], columns: ColumnMap) -> Rows:
-    reader = DatasetReader(files, columns)
-    parts = [c for c, _ in reader.chunks() if c is not None and len(c)]
-    if not parts:
-        raise ConversionError(f"no usable rows in {[str(f) for f in files]}")
-    cat = lambda name: None if getattr(parts[0], name) is None else [x for c in parts for x in getattr(c, name)]  # noqa: E731
-    label = (np.concatenate([c.label for c in parts]) if parts[0].label is not None
-             else np.full(sum(len(c) for c in parts), np.nan))
-    return Rows(cat("qid"), cat("doc_id"), label.astype(np.float64), cat("query"), cat("doc"),
-                cat("input_ids"), cat("token_type_ids"))
-
-
-def held_out_mask(qid: Sequence[str]) -> np.ndarray:
-    """True for rows of the held-out half: decided per query by sha1(qid), so it is the same on
-    every machine and run, and a query's rows are never split between the halves."""
-    return np.array([hashlib.sha1(q.encode("utf-8")).digest()[0] & 1 == 1 for q in qid], dtype=bool)
-
-
-def encode_rows(info: ModelInfo, rows: Rows) -> tuple[Encoded, np.ndarray | None, np.ndarray | None]:
-    """The sequences the model sees for `rows`, as `run` builds them. cross: one pair per row
-    (returns enc, None, None); bi: each distinct text once (returns enc, query slot, doc slot)."""
-    tok = WordPieceTokenizer(info.vocab_file, info.tokenizer)
-    q_slot = d_slot = None
-    if rows.query is None:
-        if info.mode != "cross":
-            raise ConversionError("pre-tokenized calibration data fits cross models only; bi models need "
-                                  "query and doc text columns")
-        enc, _ = fit_pretokenized(rows.input_ids, rows.token_type_ids, info.max_seq_len, tok.sep_id)
-    elif info.mode == "cross":
-        enc = tok.encode_pairs(rows.query, rows.doc, info.max_seq_len)
-    else:
-        texts = list(dict.fromkeys(rows.query + rows.doc))
-        slot = {t: i for i, t in enumerate(texts)}
-        q_slot = np.array([slot[t] for t in rows.query], dtype=np.int64)
-        d_slot = np.array([slot[t] for t in rows.doc], dtype=np.int64)
-        enc = tok.encode_single(texts, info.max_seq_len)
-    if info.id_map_file is not None:  # pruned model: full-vocab ids -> rows of its table
-        id_map = load_id_map(info.id_map_file)
-        enc.ids.flat = id_map[np.minimum(enc.ids.flat, len(id_map) - 1)]
-    return enc, q_slot, d_slot
-
-
-def _subset(enc: Encoded, idx: np.ndarray) -> Encoded:
-    return Encoded(enc.ids.take(idx), enc.types.take(idx))
+# ----------------------------------------------------------------------------- quantising
 
 
 def calibration_batches(enc: Encoded, pad_id: int, qs: QuantSettings) -> list[dict[str, np.ndarray]]:
     """At most `calib_sequences` sequences, spread evenly over the calibration half, in
-    length-sorted padded batches (the shapes `run` produces)."""
+    length-sorted padded batches on the run's token budget (the shapes `run` produces)."""
     n = len(enc)
     if n > qs.calib_sequences:
-        enc = _subset(enc, np.linspace(0, n - 1, qs.calib_sequences).round().astype(np.int64))
+        idx = np.linspace(0, n - 1, qs.calib_sequences).round().astype(np.int64)
+        enc = Encoded(enc.ids.take(idx), enc.types.take(idx))
     out = []
-    for b in plan_batches(enc.lengths, qs.max_batch_tokens, qs.calib_batch_size):
+    for b in plan_batches(enc.lengths, EngineSettings.max_batch_tokens, qs.calib_batch_size):
         ids, types, mask = pad_batch(enc, b, pad_id)
         out.append({"input_ids": ids, "token_type_ids": types, "attention_mask": mask})
     return out
-
-
-def infer(predictor, enc: Encoded, pad_id: int, max_batch_tokens: int, max_batch_size: int = 64) -> np.ndarray:
-    out = None
-    for b in plan_batches(enc.lengths, max_batch_tokens, max_batch_size):
-        res = predictor.run(*pad_batch(enc, b, pad_id))
-        if out is None:
-            out = np.empty((len(enc),) + res.shape[1:], dtype=np.float64)
-        out[b.rows] = res
-    return out
-
-
-def scores_of(info: ModelInfo, outputs: np.ndarray, q_slot, d_slot) -> np.ndarray:
-    if info.mode == "cross":
-        return outputs.reshape(len(outputs), -1)[:, 0] if outputs.ndim > 1 else outputs
-    return np.einsum("ij,ij->i", outputs[q_slot], outputs[d_slot])
-
-
-# ----------------------------------------------------------------------------- the gate
-
-
-def loss_rate(fp32: float | None, int8: float | None) -> float | None:
-    if fp32 is None or int8 is None:
-        return None
-    if fp32 == 0:
-        return 0.0 if int8 == 0 else float("inf")
-    return abs(fp32 - int8) / abs(fp32)
-
-
-def evaluate_gate(fp32_info: ModelInfo, int8_info: ModelInfo, rows: Rows, enc: Encoded, q_slot, d_slot,
-                  max_loss_rate: float, threads: int, max_batch_tokens: int) -> GateResult:
-    from pipeline.predictor import PaddlePredictor, PredictorSettings
-
-    tok_pad = WordPieceTokenizer(fp32_info.vocab_file, fp32_info.tokenizer).pad_id
-    metrics, scores, seconds = {}, {}, {}
-    for name, info in (("fp32", fp32_info), ("int8", int8_info)):
-        pred = PaddlePredictor(info, PredictorSettings(threads=threads))
-        t0 = time.perf_counter()
-        out = infer(pred, enc, tok_pad, max_batch_tokens)
-        seconds[name] = round(time.perf_counter() - t0, 3)
-        scores[name] = scores_of(info, out, q_slot, d_slot)
-        metrics[name] = ranking_metrics(np.array(rows.qid), np.array(rows.doc_id), rows.label,
-                                        scores[name]).to_dict()
-        del pred
-    rates = {m: loss_rate(metrics["fp32"][m], metrics["int8"][m]) for m in GATE_METRICS}
-    if any(metrics["fp32"][m] is None for m in GATE_METRICS):
-        raise ConversionError(
-            f"the held-out calibration rows define no {' / '.join(GATE_METRICS)} (metrics {metrics['fp32']}): "
-            f"the gate needs labelled queries with at least one relevant and one non-relevant doc; "
-            f"give --calib files with a label column")
-    passed = all(r is not None and r <= max_loss_rate for r in rates.values())
-    return GateResult(
-        fp32=metrics["fp32"], int8=metrics["int8"], loss_rate=rates,
-        max_abs_score_diff=float(np.max(np.abs(scores["fp32"] - scores["int8"]))) if len(rows) else 0.0,
-        max_loss_rate=max_loss_rate, passed=passed, rows=len(rows), queries=len(set(rows.qid)),
-        sequences=len(enc), seconds=seconds)
-
-
-# ----------------------------------------------------------------------------- quantising
 
 
 def linear_layers(desc) -> list[tuple[str, str, str]]:
@@ -299,13 +167,15 @@ def keep_int8_inputs(program_file: Path, kinds: Sequence[str]) -> int:
     desc = framework_pb2.ProgramDesc.FromString(program_file.read_bytes())
     block = desc.blocks[0]
     keep = {x for kind, x, _ in linear_layers(desc) if kind in kinds}
-    raw_of_quantized, raw_of, drop = {}, {}, set()
+    raw_of_quantized, raw_of, drop, still_quantized = {}, {}, set(), set()
     for i, op in enumerate(block.ops):
         ins = {v.parameter: v.arguments[0] for v in op.inputs if v.arguments}
         outs = {v.parameter: v.arguments[0] for v in op.outputs if v.arguments}
         if op.type == "quantize_linear" and ins["X"] not in keep:
             raw_of_quantized[outs["Y"]] = ins["X"]
             drop.add(i)
+        elif op.type == "quantize_linear":
+            still_quantized.add(ins["X"])
         elif op.type == "dequantize_linear" and ins["X"] in raw_of_quantized:
             raw_of[outs["Y"]] = raw_of_quantized[ins["X"]]
             drop.add(i)
@@ -318,7 +188,8 @@ def keep_int8_inputs(program_file: Path, kinds: Sequence[str]) -> int:
     del block.ops[:]
     block.ops.extend(kept)
     program_file.write_bytes(desc.SerializeToString())
-    return sum(1 for kind, _, _ in linear_layers(desc) if kind in kinds)
+    # only those whose input really still goes through a quantize op (not merely of a chosen kind)
+    return sum(1 for kind, x, _ in linear_layers(desc) if kind in kinds and x in still_quantized)
 
 
 def _feed_loader(batches: list[dict[str, np.ndarray]]):
@@ -377,7 +248,11 @@ def quantize_program(info: ModelInfo, batches: list[dict[str, np.ndarray]], out_
                 onnx_format=True, is_full_quantize=False, **kwargs)
     finally:
         paddle.disable_static()
-    keep_int8_inputs(out_dir / PROGRAM_FILE, qs.int8_linears)
+    chosen = sum(1 for kind, _, _ in linear_layers(desc) if kind in qs.int8_linears)
+    kept = keep_int8_inputs(out_dir / PROGRAM_FILE, qs.int8_linears)
+    if kept != chosen:  # the record would claim int8 for Linears that run fp32
+        raise ConversionError(f"PaddleSlim calibrated {kept} of the {chosen} Linears of kinds "
+                              f"{list(qs.int8_linears)}; the others would silently run fp32")
 
 
 def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path, force: bool = False,
@@ -396,7 +271,7 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
     info = load_model_info(model_dir)
     if info.precision != "fp32":
         raise ConversionError(f"{model_dir} has precision {info.precision!r}; quantise an fp32 model")
-    if info.raw.get("attention", "fused_qkv") != "fused_qkv":
+    if info.attention != "fused_qkv":
         raise ConversionError(f"{model_dir} is a `convert --target gpu` export; int8 runs on the CPU only, so "
                               f"quantise the CPU export of the checkpoint (convert without --target gpu)")
     try:
@@ -411,9 +286,8 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
         raise ConversionError(f"the --calib rows hold {len(set(rows.qid))} distinct qid(s), all in one half of "
                               f"the qid split; calibration and the held-out gate need more queries")
     calib_rows, gate_rows = rows.take(np.flatnonzero(~held)), rows.take(np.flatnonzero(held))
-    pad_id = WordPieceTokenizer(info.vocab_file, info.tokenizer).pad_id
-    calib_enc, _, _ = encode_rows(info, calib_rows)
-    batches = calibration_batches(calib_enc, pad_id, settings)
+    text = TextEncoder(TextEncoderSpec.of(info))
+    batches = calibration_batches(encode_rows(text, info, calib_rows, info.max_seq_len), text.pad_id, settings)
     log(f"calibrating on {sum(len(b['input_ids']) for b in batches)} sequences of {len(calib_rows)} rows "
         f"({len(batches)} batches); gate on {len(gate_rows)} held-out rows")
 
@@ -429,7 +303,7 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
 
         import paddle
 
-        meta = {k: v for k, v in info.raw.items() if k not in ("params_sha256", "vocab_sha256", "quantization")}
+        meta = derived_meta(info, drop=("quantization",))
         meta["name"] = name or f"{info.name}-int8"
         meta["precision"] = "int8"
         record = {
@@ -450,9 +324,7 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
         meta["quantization"] = record
         _write_meta(tmp, meta)
         int8_info = load_model_info(tmp)
-        gate_enc, q_slot, d_slot = encode_rows(info, gate_rows)
-        gate = evaluate_gate(info, int8_info, gate_rows, gate_enc, q_slot, d_slot, max_loss_rate, threads,
-                             settings.max_batch_tokens)
+        gate = evaluate_gate(info, int8_info, gate_rows, max_loss_rate, threads)
         record["gate"] = asdict(gate)
         _write_meta(tmp, meta)
         load_model_info(tmp)
@@ -473,16 +345,3 @@ def _json_default(o):
     if isinstance(o, tuple):
         return list(o)
     raise TypeError(type(o))
-
-
-def format_gate(gate: GateResult) -> str:
-    f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"gate on {gate.rows} held-out rows ({gate.queries} queries, {gate.sequences} sequences):"]
-    for m in GATE_METRICS:
-        r = gate.loss_rate[m]
-        lines.append(f"  {m:<11} fp32 {f(gate.fp32[m])}  int8 {f(gate.int8[m])}  loss rate "
-                     f"{'n/a' if r is None else f'{100 * r:.2f}%'} (limit {100 * gate.max_loss_rate:.2f}%)")
-    lines.append(f"  mrr_at_10   fp32 {f(gate.fp32['mrr_at_10'])}  int8 {f(gate.int8['mrr_at_10'])}")
-    lines.append(f"  max |score fp32 - score int8| = {gate.max_abs_score_diff:.4g}")
-    lines.append(f"  {'PASSED' if gate.passed else 'FAILED'}")
-    return "\n".join(lines)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline.batching import Batch, pad_batch, plan_batches
-from pipeline.tokenizer import Encoded, Ragged
+from pipeline.engine.batching import Batch, pad_batch, plan_batches
+from pipeline.engine.tokenizer import Encoded, Ragged
 
 
 @settings(max_examples=200, deadline=None)
@@ -47,8 +47,8 @@ def test_default_settings_pad_the_sample_under_5_percent(minilm_src):
     import csv
 
     from pipeline.config import DEFAULT_INPUT, RunConfig
-    from pipeline.modeldir import TokenizerSettings
-    from pipeline.tokenizer import WordPieceTokenizer
+    from pipeline.engine.modeldir import TokenizerSettings
+    from pipeline.engine.tokenizer import WordPieceTokenizer
 
     tok = WordPieceTokenizer(minilm_src / "vocab.txt", TokenizerSettings(lowercase=True))
     with open(DEFAULT_INPUT / "pairs.tsv", encoding="utf-8", newline="") as f:
@@ -98,7 +98,7 @@ def test_position_ids_give_the_padding_free_offsets(seqs):
     """The varlen path must see each sequence's true length: the offsets Paddle derives from our
     position ids equal the cumulative real lengths of the padded batch (padded to multiples of 8,
     as on the GPU)."""
-    from pipeline.batching import position_ids
+    from pipeline.engine.batching import position_ids
 
     ids = Ragged.from_lists(seqs)
     types = Ragged.from_lists([[i % 2 for i in range(len(s))] for s in seqs])

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.modeldir import load_model_info
-from pipeline.predictor import (
-    INPUT_NAMES,
+from pipeline.engine.modeldir import ENCODER_INPUTS as INPUT_NAMES, load_model_info
+from pipeline.engine.predictor import (
     GpuUnavailable,
     PaddlePredictor,
     PredictorSettings,
@@ -69,7 +68,8 @@ def test_tensorrt_varlen_plan_names_the_position_ids_and_mask(info, both_layouts
     and the mask for Paddle's remove-padding pass; the CPU export is refused with what to do."""
     from paddle import inference as paddle_infer
 
-    from pipeline.predictor import POSITION_IDS, apply_call
+    from pipeline.engine.modeldir import POSITION_IDS
+    from pipeline.engine.predictor import apply_call
 
     s = PredictorSettings(device="gpu", precision="fp16", tensorrt=True, trt_varlen=True, trt_max_batch=32)
     _, gpu = both_layouts
@@ -143,7 +143,7 @@ def test_attention_transposes_fold_into_the_matmuls(info, tmp_path):
 
     from paddle.base.proto import framework_pb2
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     from show_program_ops import op_counts
 
     exported = framework_pb2.ProgramDesc.FromString(info.program_file.read_bytes())
@@ -205,7 +205,7 @@ def _ops_after_passes(model_dir: Path, passes: list[str], out: Path):
 
     from paddle import inference as paddle_infer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     from show_program_ops import op_counts
 
     c = paddle_infer.Config(str(model_dir / "inference.pdmodel"), str(model_dir / "inference.pdiparams"))
@@ -233,14 +233,15 @@ def both_layouts(tmp_path_factory, minilm_src):
 
 
 def test_gpu_export_records_its_layout_and_gives_the_cpu_export_outputs(both_layouts):
-    from pipeline.convert import probe_batch
-    from pipeline.predictor import attention_fusable
+    from pipeline.convert.export import probe_batch
+    from pipeline.engine.predictor import attention_fusable
 
     from paddle import inference as paddle_infer
 
     cpu, gpu = both_layouts
-    assert cpu.raw["attention"] == "fused_qkv" and cpu.raw["architecture"]["fused_qkv"] is True
-    assert gpu.raw["attention"] == "separate_qkv" and gpu.raw["architecture"]["fused_qkv"] is False
+    assert cpu.attention == "fused_qkv" and cpu.architecture["fused_qkv"] is True
+    assert gpu.attention == "separate_qkv" and gpu.architecture["fused_qkv"] is False
+    assert gpu.inputs == ("input_ids", "token_type_ids", "attention_mask", "position_ids")
     # the GPU export takes the position ids (the predictor feeds them; padding rows included below)
     names = lambda i: paddle_infer.create_predictor(paddle_infer.Config(str(i.program_file), str(i.params_file)))\
         .get_input_names()  # noqa: E731
@@ -284,7 +285,7 @@ def test_cpu_export_keeps_its_onednn_program(both_layouts, tmp_path):
     (one fc per layer for q, k, v together), the GPU export has three."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     from show_program_ops import op_counts
 
     cpu, gpu = both_layouts
@@ -315,7 +316,7 @@ def test_gpu_config_warns_about_a_cpu_export(both_layouts):
 def test_a_gpu_export_is_not_quantised(both_layouts, tmp_path):
     pytest.importorskip("paddleslim")
     from pipeline.convert import ConversionError
-    from pipeline.quantize import quantize
+    from pipeline.convert.quantize import quantize
 
     _, gpu = both_layouts
     with pytest.raises(ConversionError, match="target gpu"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.tokenizer import Encoded
+from pipeline.engine.tokenizer import Encoded
 
 # The fixed cost of one predictor call, in padded tokens of work: per-call overhead (copies,
 # kernel dispatch) plus, on the CPU, oneDNN preparing a batch length it has not seen before.

@@ -179,15 +179,13 @@ class ErnieScorer(nn.Layer):
     def __init__(self, cfg: ErnieConfig, mode: str):
         super().__init__()
         assert mode in SCORING_MODES, f"mode must be one of {SCORING_MODES}, got {mode!r}"
-        if mode == "cross":
-            assert cfg.num_labels > 0, "cross scoring needs a checkpoint with a classifier head"
         self.cfg = cfg
         self.mode = mode
         self.embeddings = ErnieEmbeddings(cfg)
         self.encoder = ErnieEncoder(cfg)
-        if mode == "cross":
-            self.pooler = ErniePooler(cfg)
-            self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        # The head's layers sit on the scorer itself (`pooler`, `classifier`), not in a head
+        # module, so parameter names stay PaddleNLP's and older exports keep theirs.
+        self.head = {"cross": self._add_score_head, "bi": self._add_embedding_head}[mode]()
 
     def forward(self, input_ids, token_type_ids, attention_mask, position_ids=None):
         assert (position_ids is not None) == self.cfg.position_ids_input, (
@@ -196,12 +194,26 @@ class ErnieScorer(nn.Layer):
         # (the value PaddleNLP uses; exp(-1e4) is exactly 0 in float32), shape [B, 1, 1, S].
         attn_bias = ((1.0 - attention_mask) * -1e4).unsqueeze([1, 2])
         hidden = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), attn_bias)
-        if self.mode == "cross":
-            logits = self.classifier(self.pooler(hidden))
-            if self.cfg.num_labels == 1:
-                return logits[:, 0]
-            # Several classes: the probability of class 1 ("relevant") is the score.
-            return F.softmax(logits, axis=-1)[:, 1]
+        return self.head(hidden, attention_mask)
+
+    def _add_score_head(self):
+        assert self.cfg.num_labels > 0, "cross scoring needs a checkpoint with a classifier head"
+        self.pooler = ErniePooler(self.cfg)
+        self.classifier = nn.Linear(self.cfg.hidden_size, self.cfg.num_labels)
+        return self._score
+
+    def _score(self, hidden, attention_mask):
+        logits = self.classifier(self.pooler(hidden))
+        if self.cfg.num_labels == 1:
+            return logits[:, 0]
+        # Several classes: the probability of class 1 ("relevant") is the score.
+        return F.softmax(logits, axis=-1)[:, 1]
+
+    def _add_embedding_head(self):
+        return self._mean_pool
+
+    @staticmethod
+    def _mean_pool(hidden, attention_mask):
         mask = attention_mask.unsqueeze(-1)
         summed = (hidden * mask).sum(axis=1)
         mean = summed / paddle.clip(mask.sum(axis=1), min=1e-9)

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.__main__ import main
+from pipeline.cli import main
 from pipeline.convert import ConversionError, convert
-from pipeline.modeldir import ModelDirError, load_model_info, sha256_file
-from pipeline.prune import SPECIAL_TOKENS, prune_vocab
-from pipeline.tokenizer import WordPieceTokenizer, read_vocab
-from tests.test_runner import _sample_rows, _write_tsv
+from pipeline.engine.modeldir import ModelDirError, load_model_info, sha256_file
+from pipeline.convert.prune import SPECIAL_TOKENS, prune_vocab
+from pipeline.engine.tokenizer import WordPieceTokenizer, read_vocab
+from tests.sample_data import sample_rows as _sample_rows, write_tsv as _write_tsv
 
 TOLERANCE = 1e-6
 

@@ -1,0 +1,277 @@
+"""Command line: `python -m pipeline run ...`, `python -m pipeline convert SRC DST` and
+`python -m pipeline prune-vocab MODEL_DIR --data FILES... --out PRUNED_DIR` and
+`python -m pipeline quantize MODEL_DIR --calib FILES... --out INT8_DIR`.
+
+Arguments are turned into a typed `RunConfig` once, here; nothing downstream sees argparse.
+"""
+
+from __future__ import annotations
+
+import zlib  # noqa: F401 - paddle 2.6 breaks zlib unless zlib is imported before it
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.cancel import Cancelled, CancelToken
+
+from pipeline.config import (
+    DEFAULT_INPUT,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_OUT,
+    ConfigError,
+    RunConfig,
+    cache_dir,
+    default_model_source,
+)
+from pipeline.engine.modeldir import ModelDirError, ModelInfo, load_model_info
+from pipeline.io.reader import ColumnMap, InputError
+
+
+def default_model() -> ModelInfo:
+    """all-MiniLM-L6-v2, converted into the cache on first use and reused after."""
+    from pipeline.convert import ensure_converted
+
+    dst = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    ensure_converted(default_model_source(), dst, name=DEFAULT_MODEL_NAME)
+    return load_model_info(dst)
+
+
+def _add_column_flags(p) -> None:
+    """--col-qid, --col-query, ...: which input column holds each field (see ColumnMap)."""
+    for field in ColumnMap.__dataclass_fields__:
+        p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
+                       help=f"input column holding {field}")
+
+
+def _columns(args) -> ColumnMap:
+    return ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__})
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="score and rank a dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="*", type=Path, default=[DEFAULT_INPUT],
+                   help="files or folders (TSV/CSV with header, JSONL, Parquet; .gz for text formats)")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"runtime model directory (default: {DEFAULT_MODEL_NAME}, converted on first use)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--mode", choices=["cross", "bi"], default=None, help="scoring mode (default: the model's)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
+    d = RunConfig()
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per batch")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="sequences per batch")
+    p.add_argument("--pad-multiple", type=int, default=None,
+                   help="round each batch's length up to a multiple of this (default: 1 on CPU, 8 on GPU)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default=d.device,
+                   help="gpu needs requirements-gpu.txt (paddlepaddle-gpu); not verified on this project's machines")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default=d.precision, help="fp16: GPU only")
+    p.add_argument("--tensorrt", action="store_true", help="GPU: run subgraphs in TensorRT (dynamic shapes)")
+    p.add_argument("--trt-varlen", action="store_true",
+                   help="GPU + TensorRT + fp16: Paddle's variable-length ERNIE kernels (no padding computed)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: core count; 0: in-process)")
+    p.add_argument("--threads", type=int, default=None, help="predictor math threads in all (default: core count)")
+    p.add_argument("--streams", type=int, default=None,
+                   help="predictors running batches at once, sharing the weights; --threads are split among "
+                        "them (default: 2, capped at --threads)")
+    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows read and tokenized per task")
+    p.add_argument("--window-rows", type=int, default=d.window_rows, help="rows sorted by length together")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out (same inputs, model and settings)")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
+    p.add_argument("--run-tag", default=d.run_tag, help="tag in the TREC run file")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on for a terminal)")
+    _add_column_flags(p)
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="checkpoint (Hugging Face or PaddleNLP layout) -> runtime model directory")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--mode", choices=["cross", "bi"], default=None,
+                   help="scoring mode (default: cross if the checkpoint has a classifier, else bi)")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--name", default=None, help="model name recorded in model.json")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="attention layout of the export: cpu = one fused QKV projection (fastest with oneDNN); "
+                        "gpu = separate q/k/v projections and a position-ids input, the pattern Paddle's GPU/TensorRT "
+                        "multi-head attention fusion and --trt-varlen need (same outputs; slower on the CPU)")
+    p.add_argument("--force", action="store_true", help="overwrite DST")
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser(
+        "prune-vocab", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="runtime model -> copy whose word-embedding table keeps only the tokens some data uses",
+        description="Tokenize --data with the model's full tokenizer and write a model whose embedding table "
+                    "holds only the ids that occur (plus the special tokens). Scores on that data are unchanged; "
+                    "run it with `run --model PRUNED_DIR`. Tokens outside the kept set become [UNK] and are "
+                    "counted in report.json.")
+    p.add_argument("model_dir", type=Path, help="runtime model directory (from `convert`)")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="files or folders the model will score (same formats and columns as `run`)")
+    p.add_argument("--out", type=Path, required=True, help="the pruned runtime model directory to write")
+    p.add_argument("--keep-top", type=int, default=0,
+                   help="also keep the first N ids of vocab.txt, for data that comes later (WordPiece vocabs "
+                        "are roughly ordered by frequency; vocab.txt holds no counts)")
+    p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-pruned)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    _add_column_flags(p)
+
+
+def _quantize_parser(sub) -> None:
+    p = sub.add_parser(
+        "quantize", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="runtime model -> int8 copy (post-training quantisation, CPU oneDNN), gated on held-out data",
+        description="Calibrate int8 activation ranges on half of --calib (split by qid), score the other half "
+                    "with the fp32 and the int8 model, and write the int8 model only if NDCG@10 and PNR each "
+                    "lose at most --max-loss-rate. Needs PaddleSlim: pip install -r requirements-quant.txt.")
+    p.add_argument("model_dir", type=Path, help="fp32 runtime model directory (from `convert`)")
+    p.add_argument("--calib", type=Path, nargs="+", required=True,
+                   help="labelled files or folders like the data the model will score (same formats as `run`)")
+    p.add_argument("--out", type=Path, required=True, help="the int8 runtime model directory to write")
+    p.add_argument("--max-loss-rate", type=float, default=0.01,
+                   help="largest allowed |m_fp32 - m_int8| / m_fp32 for NDCG@10 and PNR")
+    p.add_argument("--algo", default="abs_max", choices=["abs_max", "avg", "hist", "KL", "mse", "emd"],
+                   help="activation range calibration (PaddleSlim)")
+    p.add_argument("--calib-sequences", type=int, default=256, help="sequences fed to calibration (at most)")
+    p.add_argument("--int8-linears", default="qkv,attn_out",
+                   help="Linear kinds that run int8, comma-separated from qkv, attn_out, ffn_in, ffn_out; the "
+                        "others stay fp32 (all four: fastest, but fails the gate on AVX2 CPUs without VNNI)")
+    p.add_argument("--threads", type=int, default=None, help="predictor threads for the gate (default: core count)")
+    p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-int8)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out, and write the model even if it fails the gate (marked failing in model.json)")
+    _add_column_flags(p)
+
+
+@contextmanager
+def cancel_on_signals() -> Iterator[CancelToken]:
+    """SIGINT and SIGTERM cancel the run (it stops at the next batch or ranking bucket) instead
+    of killing it; the previous handlers come back afterwards. Only the main thread can do this."""
+    token = CancelToken()
+    if threading.current_thread() is not threading.main_thread():
+        yield token
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: token.cancel())
+    try:
+        yield token
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args) -> int:
+    from pipeline.job.report import format_summary
+    from pipeline.job.run import run
+
+    cfg = RunConfig(
+        inputs=tuple(args.inputs), model=args.model, out_dir=args.out, mode=args.mode, max_seq_len=args.max_seq_len,
+        columns=_columns(args),
+        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, device=args.device, precision=args.precision,
+        tensorrt=args.tensorrt, trt_varlen=args.trt_varlen, workers=args.workers,
+        threads=args.threads, streams=args.streams, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
+        progress=args.progress, run_tag=args.run_tag, resume=args.resume, restart=args.restart,
+    )
+    info = load_model_info(cfg.model) if cfg.model else default_model()
+    # paddle installs its own SIGTERM handler when it is first imported (glog's failure handler,
+    # which aborts the process): import it before taking the signals over.
+    import pipeline.engine.predictor  # noqa: F401
+    with cancel_on_signals() as cancel:
+        report = run(cfg, info, cancel)
+    print(format_summary(report, cfg.out_dir))
+    unknown = report["tokens"].get("unknown_tokens", 0)
+    if unknown:
+        print(f"warning: {unknown} tokens are outside the pruned vocabulary of {info.path} and were scored as "
+              f"[UNK], so these scores can differ from the full model's; prune again on this data "
+              f"(or with --keep-top) to avoid it", file=sys.stderr)
+    return 0
+
+
+def _convert(args) -> int:
+    from pipeline.convert import convert
+
+    dst = convert(args.src, args.dst, mode=args.mode, force=args.force, max_seq_len=args.max_seq_len, name=args.name,
+                  target=args.target)
+    info = load_model_info(dst)
+    print(f"converted {args.src} -> {dst} ({info.name}, {args.target} layout, mode {info.task}, max_seq_len {info.max_seq_len}, "
+          f"{info.num_hidden_layers} layers, hidden {info.hidden_size}, vocab {info.vocab_size})")
+    return 0
+
+
+def _prune(args) -> int:
+    from pipeline.convert.prune import prune_vocab
+
+    columns = _columns(args)
+    dst = prune_vocab(args.model_dir, args.data, args.out, keep_top=args.keep_top, force=args.force,
+                      columns=columns, name=args.name)
+    info = load_model_info(dst)
+    p = info.pruning
+    before, after = (args.model_dir / "inference.pdiparams").stat().st_size, info.params_file.stat().st_size
+    print(f"pruned {args.model_dir} -> {dst}: kept {p.ids_kept} of {p.source_vocab_size} ids "
+          f"({p.data_rows} rows of {len(p.data)} file(s)); parameters {before / 1e6:.1f} MB -> "
+          f"{after / 1e6:.1f} MB; run it with --model {dst}")
+    return 0
+
+
+def _quantize(args) -> int:
+    from pipeline.convert import ConversionError
+    from pipeline.convert.gate import format_gate
+    from pipeline.convert.quantize import LINEAR_KINDS, QuantSettings, quantize
+
+    if args.max_loss_rate < 0 or args.calib_sequences < 1:
+        raise ConversionError("--max-loss-rate must be >= 0 and --calib-sequences >= 1")
+    kinds = tuple(k.strip() for k in args.int8_linears.split(",") if k.strip())
+    if not kinds or set(kinds) - set(LINEAR_KINDS):
+        raise ConversionError(f"--int8-linears takes a comma-separated subset of {', '.join(LINEAR_KINDS)}; "
+                              f"got {args.int8_linears!r}")
+    columns = _columns(args)
+    dst, gate = quantize(args.model_dir, args.calib, args.out, force=args.force, columns=columns, name=args.name,
+                         settings=QuantSettings(int8_linears=kinds, algo=args.algo,
+                                                calib_sequences=args.calib_sequences),
+                         max_loss_rate=args.max_loss_rate, threads=args.threads,
+                         log=lambda m: print(m, file=sys.stderr))
+    print(format_gate(gate))
+    if dst is None:
+        raise ConversionError(f"the int8 model fails the quality gate, so {args.out} was not written; keep the "
+                              f"fp32 model, or pass --force to write it anyway (model.json marks it as failing)")
+    print(f"quantized {args.model_dir} -> {dst}" + ("" if gate.passed else " (FAILS the gate; written because of --force)")
+          + f"; run it with --model {dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _convert_parser(sub)
+    _prune_parser(sub)
+    _quantize_parser(sub)
+    args = parser.parse_args(argv)
+    from pipeline.memory import limit_heap_fragmentation
+
+    limit_heap_fragmentation()
+    from pipeline.convert import ConversionError
+    from pipeline.engine.engine import BackendUnavailable
+    from pipeline.io.store import ResumeError
+    from pipeline.job.run import RunError
+
+    try:
+        return {"run": _run, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize}[args.command](args)
+    except Cancelled:
+        print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
+              f"run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (InputError, ConfigError, ModelDirError, ConversionError, RunError, ResumeError, BackendUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+

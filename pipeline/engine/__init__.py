@@ -1,0 +1,1 @@
+"""The engine: runtime model directory -> tokenizer, batches, backend (see engine.engine)."""

@@ -1,0 +1,1 @@
+"""The job layer: files in, files out, resumable (`job.run.run`)."""

@@ -1,0 +1,150 @@
+"""Counts, stage times and the report of a run (no paddle): `Tally` is saved with every
+committed window so a resumed run reports the whole job; `build_report` is report.json;
+`format_summary` is what the CLI prints."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.engine.engine import BatchStats
+from pipeline.engine.modeldir import ModelInfo
+from pipeline.engine.text import TokenizeResult
+
+
+@dataclass
+class Tally:
+    rows_scored: int = 0
+    rows_rejected: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    truncated_pretokenized: int = 0
+    unknown_tokens: int = 0  # pruned models: tokens of the tokenized sequences outside the kept vocab
+    read_seconds: float = 0.0
+    tokenize_seconds: float = 0.0
+    tokenize_wait_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    write_seconds: float = 0.0
+    per_file: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def file(self, name: str) -> dict[str, int]:
+        return self.per_file.setdefault(name, {"scored": 0, "rejected": 0})
+
+    def add_tokenized(self, results: list[TokenizeResult]) -> None:
+        for r in results:
+            self.tokenize_seconds += r.seconds
+            self.truncated_pretokenized += r.truncated
+            self.unknown_tokens += r.unknown_tokens
+
+    def add_batches(self, stats: BatchStats) -> None:
+        self.sequences += stats.sequences
+        self.tokens += stats.tokens
+        self.padded_tokens += stats.padded_tokens
+        self.batches += stats.batches
+        self.infer_seconds += stats.seconds
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Timing:
+    started: float = field(default_factory=time.perf_counter)
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    startup: float = 0.0
+    rank: float = 0.0
+
+
+def build_report(model: ModelInfo, settings_dict: dict, files: list[Path], rows_read: dict[str, int],
+                 tally: Tally, metrics: dict | None, timing: Timing, sessions: int) -> dict:
+    per_file = []
+    for f in files:
+        name = str(f)
+        t = tally.per_file.get(name, {"scored": 0, "rejected": 0})
+        per_file.append({"file": name, "rows_read": rows_read[name], "rows_scored": t["scored"],
+                         "rows_rejected": t["rejected"]})
+    total_s = time.perf_counter() - timing.started
+    processing_s = total_s - timing.startup
+    return {
+        "pipeline_version": __version__,
+        "started_at": timing.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sessions": sessions,
+        "inputs": [str(f) for f in files],
+        "rows": {"read": sum(p["rows_read"] for p in per_file), "scored": tally.rows_scored,
+                 "rejected": tally.rows_rejected},
+        "files": per_file,
+        "tokens": {
+            "sequences": tally.sequences,
+            "real": tally.tokens,
+            "padded": tally.padded_tokens,
+            "padding_overhead": (tally.padded_tokens / tally.tokens - 1.0) if tally.tokens else 0.0,
+            "batches": tally.batches,
+            "truncated_pretokenized": tally.truncated_pretokenized,
+            "unknown_tokens": tally.unknown_tokens,
+        },
+        "seconds": {
+            "startup": timing.startup,
+            "read": tally.read_seconds,
+            "tokenize": tally.tokenize_seconds,
+            "tokenize_wait": tally.tokenize_wait_seconds,
+            "infer": tally.infer_seconds,
+            "rank": timing.rank,
+            "write": tally.write_seconds,
+            "total": total_s,
+        },
+        "rows_per_second": tally.rows_scored / processing_s if processing_s > 0 else 0.0,
+        "tokens_per_second": tally.tokens / processing_s if processing_s > 0 else 0.0,
+        "settings": settings_dict,
+        "model": {
+            "name": model.name, "path": str(model.path), "mode": model.task, "pooling": model.pooling,
+            "precision": model.precision, "checksum": model.checksum, "source_sha256": model.source_sha256,
+            "pruned_ids_kept": model.pruning.ids_kept if model.pruning else None,
+        },
+        "metrics": metrics,
+    }
+
+
+def format_summary(report: dict, out_dir: Path) -> str:
+    r, t, s = report["rows"], report["tokens"], report["seconds"]
+    lines = [
+        f"model      {report['model']['name']} ({report['model']['mode']}, {report['model']['precision']})",
+        f"rows       read {r['read']}  scored {r['scored']}  rejected {r['rejected']}",
+        f"tokens     {t['real']} real, {t['padded']} padded (+{100 * t['padding_overhead']:.1f}%), "
+        f"{t['batches']} batches"
+        + (f", {t.get('unknown_tokens', 0)} outside the pruned vocab ([UNK])"
+           if report["model"].get("pruned_ids_kept") else ""),
+        "seconds    " + "  ".join(f"{k} {v:.2f}" for k, v in s.items()),
+        f"speed      {report['rows_per_second']:.1f} rows/s, {report['tokens_per_second']:.0f} tokens/s",
+    ]
+    m = report.get("metrics")
+    if m:
+        f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731 - undefined metrics are None
+        lines.append(f"metrics    MRR@10 {f(m['mrr_at_10'])}  NDCG@10 {f(m['ndcg_at_10'])}  PNR {f(m['pnr'])} "
+                     f"({m['pairs_correct']} pairs right, {m['pairs_wrong']} wrong, {m['pairs_tied']} tied)")
+    if r["rejected"]:
+        lines.append(f"rejects    {r['rejected']} rows, reasons in {out_dir / 'rejects.tsv'}")
+    lines.append(f"outputs    {out_dir}/ (ranked.tsv, run.trec, predictions.tsv, report.json, submission.zip)")
+    return "\n".join(lines)
+
+
+class _NoProgress:
+    def update(self, n: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, initial: int = 0):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(unit="rows", initial=initial, smoothing=0.1, dynamic_ncols=True,
+                bar_format="{desc}{n:.0f} rows [{elapsed}, {rate_fmt}]")

@@ -1,0 +1,127 @@
+"""One run of a task over files (no paddle here; the engine imports it):
+
+    reader thread -> tokenizer pool -> engine (through the task) -> store -> final files
+
+Windows of `window_rows` rows are committed one by one (`pipeline.io.store`), so a run killed at
+any point resumes from the last committed window. Cancellation comes from outside through a
+`CancelToken` (the CLI turns Ctrl-C and SIGTERM into one; a library caller or a Ray driver
+calls `cancel()`), and stops the batch loop and the final ranking alike.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.cancel import CancelToken
+from pipeline.config import ConfigError, RunConfig, Settings, check_writable, resolve
+from pipeline.engine.engine import Backend, BackendUnavailable, Engine
+from pipeline.engine.modeldir import ModelInfo
+from pipeline.engine.text import TextEncoderSpec
+from pipeline.io.reader import DatasetReader, InputError
+from pipeline.io.store import RunStore
+from pipeline.job.feeder import WORKER_DIED, ChunkFeeder, RunError
+from pipeline.job.report import Tally, Timing, build_report, progress_bar
+from pipeline.job.workers import TokenizerPool
+from pipeline.memory import release_free_memory
+from pipeline.tasks import get_task
+from pipeline.tasks.base import Item, Task
+
+__all__ = ["RunError", "fingerprint", "run"]
+
+
+def fingerprint(files: list[Path], model: ModelInfo, settings: Settings, cfg: RunConfig) -> dict:
+    """What must not change between a run and its resumption (anything that changes results)."""
+    res = settings.to_dict()
+    for k in ("workers", "progress"):  # do not change results
+        res.pop(k)
+    return {
+        "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "model": [str(model.path.resolve()), model.checksum],
+        "settings": res,
+        "columns": asdict(cfg.columns),
+        "pipeline_version": __version__,
+    }
+
+
+def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, backend: Backend | None = None) -> dict:
+    """Run `model`'s task over `cfg.inputs`; returns the report (also written to report.json).
+    `backend` replaces the Paddle predictor (tests)."""
+    cancel, timing = cancel or CancelToken(), Timing()
+    settings = resolve(cfg, model)
+    task = get_task(settings.mode)
+    reader = DatasetReader(cfg.inputs, cfg.columns, chunk_rows=settings.chunk_rows)  # checks every header
+    task.check_input(reader)
+    check_writable(cfg.out_dir)
+    store = RunStore(cfg.out_dir, fingerprint(reader.files, model, settings, cfg), cfg.resume, cfg.restart)
+    tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()
+    pool = None
+    try:
+        pool = TokenizerPool(TextEncoderSpec.of(model), settings.workers)
+        with Engine(model, settings.engine, backend) as engine:
+            pool.wait_ready()
+            timing.startup = time.perf_counter() - timing.started
+            _score_windows(task, engine, reader, pool, store, settings, tally, cancel)
+        t0 = time.perf_counter()
+        metrics = task.finish(store, settings.run_tag, reader.has_label, cancel)
+        timing.rank = store.rank_seconds
+        tally.write_seconds += time.perf_counter() - t0 - timing.rank
+        rows_read = {name: count.rows_read for name, count in reader.counts.items()}
+        report = build_report(model, settings.to_dict(), reader.files, rows_read, tally, metrics, timing,
+                              store.manifest["sessions"])
+        store.write_report(report)
+        store.publish()
+    except (InputError, ConfigError, BackendUnavailable):
+        store.discard()  # a file-level or settings problem: nothing worth resuming
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return report
+
+
+def _score_windows(task: Task, engine: Engine, reader: DatasetReader, pool: TokenizerPool, store: RunStore,
+                   settings: Settings, tally: Tally, cancel: CancelToken) -> None:
+    chunks_per_window = max(1, settings.window_rows // settings.chunk_rows)
+    feeder = ChunkFeeder(reader, pool, task, settings.max_seq_len,
+                         depth=chunks_per_window + 2 * max(settings.workers, 1), skip=store.chunks)
+    progress = progress_bar(settings.progress, initial=store.manifest["rows_committed"])
+    file_index = {str(f): i for i, f in enumerate(reader.files)}
+    read_before = tally.read_seconds
+    feeder.start()
+    try:
+        for window, chunks_done in feeder.windows(settings.window_rows, cancel):
+            tally.read_seconds = read_before + feeder.read_seconds
+            _commit_window(task, engine, store, window, chunks_done, file_index, tally, cancel, progress)
+    finally:
+        feeder.stop.set()
+        progress.close()
+
+
+def _commit_window(task: Task, engine: Engine, store: RunStore, window: list[Item], chunks_done: int,
+                   file_index: dict[str, int], tally: Tally, cancel: CancelToken, progress) -> None:
+    t0 = time.perf_counter()
+    pending = [it for it in window if it.chunk is not None]
+    try:
+        results = [it.future.result() for it in pending]
+    except BrokenProcessPool as e:
+        raise RunError(WORKER_DIED) from e
+    tally.tokenize_wait_seconds += time.perf_counter() - t0
+    tally.add_tokenized(results)
+    rows, seqs = sum(len(it.chunk) for it in pending), sum(len(r.enc) for r in results) or 1
+    out = task.process(engine, window, results, file_index, cancel, lambda n: progress.update(n * rows / seqs))
+    t1 = time.perf_counter()
+    tally.add_batches(out.stats)
+    tally.rows_scored += out.table.num_rows
+    for name, n in out.per_file.items():
+        tally.file(name)["scored"] += n
+    for r in out.rejects:
+        tally.rows_rejected += 1
+        tally.file(r.file)["rejected"] += 1
+    tally.write_seconds += time.perf_counter() - t1
+    store.commit_window(out.table, out.rejects, chunks_done, tally.to_dict())
+    progress.update(len(out.rejects))
+    release_free_memory()

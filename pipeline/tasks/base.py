@@ -1,0 +1,68 @@
+"""What a task is (no paddle): which input it takes, how its rows become engine calls, what its
+committed table holds, and which final files and metrics it writes.
+
+The job layer (`pipeline.job`) drives any task the same way:
+  reader thread:  `prepare(chunk)` -> an `Item` with the `TokenizeRequest` for the workers;
+  main thread:    `process(engine, items, results, ...)` per window -> a `WindowOutput`
+                  (an Arrow table of finished rows, the rejects, batch statistics);
+  at the end:     `finish(store, ...)` -> the task's final files and its metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cancel import CancelToken
+from pipeline.engine.engine import BatchStats, Engine
+from pipeline.engine.text import TokenizeRequest, TokenizeResult
+from pipeline.io.reader import Chunk, DatasetReader, Reject
+from pipeline.io.store import RunStore
+
+
+@dataclass
+class Item:
+    """One reader chunk on its way through the job: its rejects, and the tokenization request
+    the workers run (None when every row of the chunk was rejected)."""
+
+    chunk: Chunk | None
+    rejects: list[Reject]
+    request: TokenizeRequest | None = None
+    extra: object = None  # the task's own per-chunk state (bi: each row's text slots)
+    future: Future | None = None  # the request's TokenizeResult, set by the job's reader thread
+
+
+@dataclass
+class WindowOutput:
+    table: pa.Table  # the window's finished rows, in input order
+    rejects: list[Reject]  # rows the window could not finish, with reasons
+    stats: BatchStats
+    per_file: dict[str, int] = field(default_factory=dict)  # file -> rows finished
+
+
+class Task(Protocol):
+    name: str
+    model_output: str  # what the model must output for this task: 'score' | 'embedding'
+
+    def check_input(self, reader: DatasetReader) -> None:
+        """Refuse input this task cannot take (raise ConfigError naming what to change)."""
+
+    def prepare(self, chunk: Chunk, rejects: list[Reject], max_seq_len: int) -> Item: ...
+
+    def process(self, engine: Engine, items: list[Item], results: list[TokenizeResult], file_index: dict[str, int],
+                cancel: CancelToken | None, on_batch: Callable[[int], None]) -> WindowOutput: ...
+
+    def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
+        """Write the task's final files into the store's staging folder; returns metrics or None."""
+
+
+def row_failures(n: int, failed: dict[int, str]) -> np.ndarray:
+    """bool per item: True where the tokenizer built a sequence."""
+    ok = np.ones(n, dtype=bool)
+    ok[list(failed)] = False
+    return ok
