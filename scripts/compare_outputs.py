@@ -6,12 +6,12 @@ with this checkout, their outputs compared.
 REV (default e0af385, the last commit before the package redesign; any git revision works) is
 checked out as a `git worktree` under --workdir and removed again at the end. Both trees run with
 this checkout's `.venv` python (`python -m pipeline`, the working directory and PYTHONPATH set to
-the tree, so each imports its own `pipeline`), and with one PIPELINE_CACHE under --workdir, so the
-default model is converted once (by the base tree, which runs first: the redesign reads the
-base's format-1 model directories, the base may not read newer ones). Cases:
+the tree, so each imports its own `pipeline`), each with its own PIPELINE_CACHE under --workdir,
+so each converts the default model itself, as a fresh clone does. Cases:
 
 - default      the default job: `run --out X --no-progress` (each tree's data/sample, the default
-               bi model);
+               bi model converted by that tree);
+- cross-own    the tiny cross-encoder below, converted by each tree itself, on data/sample;
 - cross        a tiny random cross-encoder (`write_hf_checkpoint` of this checkout's
                tests/conftest.py, fixed seed, the default model's vocab), converted once into a
                directory both trees read (by this checkout; by the base tree when the base cannot
@@ -327,7 +327,8 @@ def main() -> int:
     try:
         result["base_commit"] = add_worktree(args.base, wt)
         log(f"base {args.base} = {result['base_commit'][:12]} checked out in {wt}")
-        trees = {"base": Tree("base", wt, python, cache, logs), "current": Tree("current", ROOT, python, cache, logs)}
+        trees = {"base": Tree("base", wt, python, cache / "base", logs),
+                 "current": Tree("current", ROOT, python, cache / "current", logs)}
         for name, tree in trees.items():
             got = Path(tree.probe()["pipeline"]).resolve()
             if tree.path.resolve() not in got.parents:
@@ -354,26 +355,34 @@ def main() -> int:
         meta = json.loads((model / "model.json").read_text())
         result["tiny_model"] = {"path": str(model), "converted_by": converted_by, "seed": SEED,
                                 "format_version": meta.get("format_version"), "params_sha256": meta.get("params_sha256")}
+        own = {}  # the same checkpoint converted by each tree into its own directory
+        for name, tree in trees.items():
+            own[name] = work / "models" / f"tiny-cross-{name}"
+            tree.pipeline(["convert", str(ckpt), str(own[name]), "--mode", "cross", "--name", "tiny-cross", "--force"],
+                          f"convert-tiny-cross-{name}")
         small = write_small_data(ROOT / "data" / "sample" / "pairs.tsv", work / "data" / "small-with-bad-rows.tsv")
         result["small_data"] = small
 
         cases = {
             "default": lambda out: ["run", "--out", str(out), "--no-progress"],
+            "cross-own": lambda out: ["run", "data/sample", "--model", str(own.get(Path(out).parent.name, "MODEL")), "--out", str(out),
+                                      "--no-progress"],
             "cross": lambda out: ["run", "data/sample", "--model", str(model), "--out", str(out), "--no-progress"],
             "cross-small": lambda out: ["run", small["file"], "--model", str(model), "--out", str(out),
                                         "--no-progress", "--threads", "1", "--workers", "0", "--window-rows", "1000",
                                         "--chunk-rows", "300"],
         }
         result["cases"] = {c: {"command": f("OUT"), "seconds": {}} for c, f in cases.items()}
-        for side in SIDES:  # the base first: it converts the default model into the shared cache (format 1)
+        for side in SIDES:
             for case, command in cases.items():
                 out = outs / side / case
                 if out.exists():
                     shutil.rmtree(out)
                 result["cases"][case]["seconds"][side] = round(trees[side].pipeline(command(out), case), 2)
-        default_meta = cache / "models" / "all-MiniLM-L6-v2" / "model.json"
-        if default_meta.is_file():
-            result["default_model_format_version"] = json.loads(default_meta.read_text()).get("format_version")
+        for side in SIDES:
+            meta_file = cache / side / "models" / "all-MiniLM-L6-v2" / "model.json"
+            if meta_file.is_file():
+                result.setdefault("default_model_format_version", {})[side] = json.loads(meta_file.read_text()).get("format_version")
         for case in cases:
             result["cases"][case]["files"] = compare_case(outs / "base" / case, outs / "current" / case)
     except SetupError as e:

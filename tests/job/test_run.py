@@ -225,9 +225,14 @@ def test_hostile_input_never_crashes_and_counts_add_up(tiny_cross_dir, tmp_path_
         good = json.dumps({"qid": "q0", "query": "first", "doc_id": "d0", "doc": "row", "label": 1})
         data.write_text("\n".join([good] + [l.replace("\t", " ") for l in lines]) + "\n", encoding="utf-8")
     out = folder / "out"
-    # Every problem here is a row-level one (the header, or the first JSON object, is valid), so
-    # the run must finish and account for every row.
+    # The header (or the first JSON object) is valid, so the only file-level problem possible is a
+    # TSV without a single data line; everything else is row-level: the run must finish and
+    # account for every row.
+    no_rows = fmt == "tsv" and not any(raw.strip() for raw in ("\n".join(lines) + "\n").encode().split(b"\n"))
     rc = main(["run", str(data), "--model", str(tiny_cross_dir), "--out", str(out), "--no-progress", "--workers", "0"])
+    if no_rows:
+        assert rc == 2 and not (out / "report.json").exists()
+        return
     assert rc == 0
     r = json.loads((out / "report.json").read_text())
     assert r["rows"]["read"] == r["rows"]["scored"] + r["rows"]["rejected"] >= (fmt == "jsonl")
