@@ -119,9 +119,35 @@ class Settings:
 
 
 def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
+    mode = _check_task(cfg, info)
+    _check_device(cfg)
+    # Tensor cores want sequence lengths in multiples of 8; on the CPU every padded token costs.
+    pad_multiple = cfg.pad_multiple if cfg.pad_multiple is not None else (8 if cfg.device == "gpu" else 1)
+    max_seq_len = _check_lengths(cfg, info, pad_multiple)
+    for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--pad-multiple", pad_multiple, 1),
+                             ("--chunk-rows", cfg.chunk_rows, 1),
+                             ("--window-rows", cfg.window_rows, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if cfg.resume and cfg.restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    workers, threads, streams = _parallelism(cfg)
+    import sys
+
+    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    return Settings(
+        mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=cfg.precision,
+        tensorrt=cfg.tensorrt, trt_varlen=cfg.trt_varlen, workers=workers, threads=threads, streams=streams,
+        chunk_rows=cfg.chunk_rows, window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress,
+        run_tag=cfg.run_tag,
+    )
+
+
+def _check_task(cfg: RunConfig, info: ModelInfo) -> str:
+    """The task to run: the model's own (`--mode` may only repeat it), known to the registry."""
     from pipeline.tasks import get_task
 
-    cores = cpu_count()
     mode = cfg.mode or info.task
     task = get_task(mode)
     if mode != info.task:
@@ -132,6 +158,10 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
     if task.model_output != info.output:
         raise ConfigError(f"{info.path} outputs {info.output}s, but task {mode!r} needs {task.model_output}s; "
                           f"convert the checkpoint again")
+    return mode
+
+
+def _check_device(cfg: RunConfig) -> None:
     if cfg.device not in ("cpu", "gpu") or cfg.precision not in ("fp32", "fp16"):
         raise ConfigError(f"--device must be cpu or gpu and --precision fp32 or fp16 (got {cfg.device}, {cfg.precision})")
     if cfg.precision == "fp16" and cfg.device != "gpu":
@@ -142,8 +172,9 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
     if cfg.trt_varlen and not (cfg.tensorrt and cfg.precision == "fp16"):
         raise ConfigError("--trt-varlen needs --tensorrt and --precision fp16 (Paddle's variable-length "
                           "ERNIE plugins exist only in half precision or int8)")
-    # Tensor cores want sequence lengths in multiples of 8; on the CPU every padded token costs.
-    pad_multiple = cfg.pad_multiple if cfg.pad_multiple is not None else (8 if cfg.device == "gpu" else 1)
+
+
+def _check_lengths(cfg: RunConfig, info: ModelInfo, pad_multiple: int) -> int:
     max_seq_len = cfg.max_seq_len or info.max_seq_len
     if not 3 <= max_seq_len <= info.max_position_embeddings:
         raise ConfigError(
@@ -155,15 +186,14 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
             f"--max-seq-len {max_seq_len} is larger than --max-batch-tokens {cfg.max_batch_tokens}: "
             f"a longest sequence could never be batched; raise the budget or lower the length"
         )
-    for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--pad-multiple", pad_multiple, 1),
-                             ("--chunk-rows", cfg.chunk_rows, 1),
-                             ("--window-rows", cfg.window_rows, 1)):
-        if value < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    return max_seq_len
+
+
+def _parallelism(cfg: RunConfig) -> tuple[int, int, int]:
+    """(tokenizer workers, predictor threads in all, streams), defaults from the core count."""
+    cores = cpu_count()
     workers = cores if cfg.workers is None else cfg.workers
     threads = cores if cfg.threads is None else cfg.threads
-    if cfg.resume and cfg.restart:
-        raise ConfigError("--resume and --restart exclude each other")
     if cfg.streams is None:  # one predictor keeps a GPU busy; on the CPU, STREAMS_DEFAULT capped at the threads
         streams = 1 if cfg.device == "gpu" else min(STREAMS_DEFAULT, threads)
     else:
@@ -174,15 +204,7 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
         raise ConfigError(f"--streams must be between 1 and --threads ({threads}): each stream needs a thread (got {streams})")
     if streams > 1 and cfg.device == "gpu":
         raise ConfigError("--streams > 1 is for the CPU: on a GPU one predictor keeps the device busy")
-    import sys
-
-    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    return Settings(
-        mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
-        max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=cfg.precision,
-        tensorrt=cfg.tensorrt, trt_varlen=cfg.trt_varlen, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
-        window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress, run_tag=cfg.run_tag,
-    )
+    return workers, threads, streams
 
 
 def check_writable(out_dir: Path) -> None:

@@ -36,38 +36,22 @@ from pipeline.engine.modeldir import (
 )
 
 
-def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bool = False,
-            max_seq_len: int | None = None, name: str | None = None, target: str = "cpu") -> Path:
-    """Convert checkpoint `src` into runtime directory `dst`; returns `dst`.
-
-    `target` 'cpu' (fused QKV, the fast oneDNN layout) or 'gpu' (separate q/k/v projections,
-    which Paddle's GPU/TensorRT multi-head attention fusion needs; see the module doc)."""
-    import zlib  # noqa: F401 - must precede paddle 2.6's first import (it breaks zlib otherwise)
-
-    if target not in TARGETS:
-        raise ConversionError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} exists; pass --force to overwrite it")
-    ckpt = read_checkpoint(src)
+def _checked_mode(ckpt, src: Path, mode: str | None) -> str:
+    """The task to export: `mode`, or 'cross' when the checkpoint has a classifier head, else 'bi'."""
     has_head = "classifier.weight" in ckpt.weights
     mode = mode or ("cross" if has_head else "bi")
     if mode == "cross" and not has_head:
         raise ConversionError(f"{src} has no classifier head, so it cannot score in 'cross' mode; use --mode bi")
     if mode == "cross" and "pooler.dense.weight" not in ckpt.weights:
         raise ConversionError(f"{src} has a classifier but no pooler, which 'cross' mode needs")
-    seq = max_seq_len or ckpt.max_seq_len
-    if not 2 < seq <= ckpt.config["max_position_embeddings"]:
-        raise ConversionError(f"max_seq_len {seq} must be in 3..{ckpt.config['max_position_embeddings']}")
+    return mode
 
+
+def _runtime_meta(ckpt, src: Path, name: str | None, mode: str, seq: int, target: str, config: dict) -> dict:
+    """model.json of the converted directory (the checksums and program revision are added on save)."""
     import paddle
 
-    from pipeline.engine.predictor import PaddlePredictor, PredictorSettings
-
-    paddle.set_device("cpu")
-    config = {**ckpt.config, "fused_qkv": target == "cpu", "position_ids_input": target == "gpu"}
-    model = build_model(config, mode, ckpt.weights if target == "cpu" else split_qkv(ckpt.weights))
-    meta = {
+    return {
         "format_version": FORMAT_VERSION,
         "name": name or ckpt.name,
         "task": mode,
@@ -84,9 +68,16 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
         "converted_by": f"pipeline {__version__}, paddle {paddle.__version__}",
     }
 
+
+def _export_check(model, vocab_size: int):
+    """The check of the staged directory: the exported program, run by the predictor we ship,
+    must reproduce the dynamic-graph model."""
+    import paddle
+
+    from pipeline.engine.predictor import PaddlePredictor, PredictorSettings
+
     def check(info: ModelInfo) -> None:
-        # The exported program, run by the predictor we ship, must reproduce the dynamic-graph model.
-        batch = probe_batch(config["vocab_size"])
+        batch = probe_batch(vocab_size)
         with paddle.no_grad():
             want = model(*model_inputs(model, batch)).numpy()
         got = PaddlePredictor(info, PredictorSettings(threads=1)).run(**batch)
@@ -94,7 +85,35 @@ def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bo
         if not err < 1e-4:
             raise ConversionError(f"exported program differs from the model by {err:.3g} (limit 1e-4)")
 
-    return save_runtime_dir(model, meta, ckpt.vocab_file, dst, check)
+    return check
+
+
+def convert(src: str | Path, dst: str | Path, mode: str | None = None, force: bool = False,
+            max_seq_len: int | None = None, name: str | None = None, target: str = "cpu") -> Path:
+    """Convert checkpoint `src` into runtime directory `dst`; returns `dst`.
+
+    `target` 'cpu' (fused QKV, the fast oneDNN layout) or 'gpu' (separate q/k/v projections,
+    which Paddle's GPU/TensorRT multi-head attention fusion needs; see the module doc)."""
+    import zlib  # noqa: F401 - must precede paddle 2.6's first import (it breaks zlib otherwise)
+
+    if target not in TARGETS:
+        raise ConversionError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} exists; pass --force to overwrite it")
+    ckpt = read_checkpoint(src)
+    mode = _checked_mode(ckpt, src, mode)
+    seq = max_seq_len or ckpt.max_seq_len
+    if not 2 < seq <= ckpt.config["max_position_embeddings"]:
+        raise ConversionError(f"max_seq_len {seq} must be in 3..{ckpt.config['max_position_embeddings']}")
+
+    import paddle
+
+    paddle.set_device("cpu")
+    config = {**ckpt.config, "fused_qkv": target == "cpu", "position_ids_input": target == "gpu"}
+    model = build_model(config, mode, ckpt.weights if target == "cpu" else split_qkv(ckpt.weights))
+    meta = _runtime_meta(ckpt, src, name, mode, seq, target, config)
+    return save_runtime_dir(model, meta, ckpt.vocab_file, dst, _export_check(model, config["vocab_size"]))
 
 
 def ensure_converted(src: Path, dst: Path, name: str | None = None) -> Path:

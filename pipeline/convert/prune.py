@@ -136,44 +136,44 @@ def _predict(info: ModelInfo, batch: dict[str, np.ndarray]) -> np.ndarray:
     return PaddlePredictor(info, PredictorSettings(threads=1)).run(**batch)
 
 
-def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Path, keep_top: int = 0,
-                force: bool = False, columns: ColumnMap = ColumnMap(), name: str | None = None) -> Path:
-    """Write the pruned copy of runtime model `model_dir` for the data in `data` into `out`."""
-    import zlib  # noqa: F401 - must precede paddle 2.6's first import (it breaks zlib otherwise)
-
-    model_dir, out = Path(model_dir), Path(out)
+def _check_target(model_dir: Path, out: Path, force: bool, keep_top: int) -> None:
+    """Refuse an `out` that exists (without `force`) or is the source itself, and a negative `keep_top`."""
     if out.exists() and not force:
         raise ConversionError(f"{out} exists; pass --force to overwrite it")
     if out.resolve() == model_dir.resolve():
         raise ConversionError(f"--out {out} is the source model itself; choose another directory")
     if keep_top < 0:
         raise ConversionError(f"--keep-top must be >= 0, got {keep_top}")
+
+
+def _load_unpruned(model_dir: Path) -> ModelInfo:
+    """The source runtime model; a pruned one is refused (its source is pruned instead)."""
     info = load_model_info(model_dir)
     if info.id_map_file is not None:
         raise ConversionError(f"{model_dir} is already pruned; prune its source model "
                               f"({info.pruning.source_path}) on all the data instead")
-    files = list_input_files(data)
+    return info
+
+
+def _read_full_vocab(info: ModelInfo) -> dict[str, int]:
+    """The source model's full vocab, which must hold the special tokens the id map relies on."""
     vocab = read_vocab(info.vocab_file)
     missing = [t for t in ("[UNK]", "[PAD]", "[CLS]", "[SEP]") if t not in vocab]
     if missing:
         raise ConversionError(f"{info.vocab_file} lacks the special tokens {missing}")
-    counts, rows = count_data_ids(info, files, columns)
-    if rows == 0:
-        raise ConversionError(f"no usable rows in {[str(f) for f in files]}: nothing to prune for")
-    kept = choose_kept_ids(counts, vocab, keep_top)
-    id_map = build_id_map(kept, len(vocab), vocab["[UNK]"])
+    return vocab
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    """`a` as the bytes of a .npy file (written as the id map, and checksummed in model.json)."""
     buf = io.BytesIO()
-    np.save(buf, id_map, allow_pickle=False)
-    map_bytes = buf.getvalue()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
 
-    import paddle
 
-    paddle.set_device("cpu")
-    # The reference: the full model's own exported program on a probe whose ids are all kept.
-    pruned_probe = probe_batch(len(kept))
-    full_probe = {**pruned_probe, "input_ids": kept[pruned_probe["input_ids"]]}
-    want = _predict(info, full_probe)
-
+def _rebuild_pruned(info: ModelInfo, kept: np.ndarray, id_map: np.ndarray):
+    """(the dynamic-graph pruned model, its architecture): the source's exported parameters with
+    the word-embedding table cut to the `kept` rows."""
     weights = read_runtime_weights(info)
     weights[WORD_EMBEDDINGS] = np.ascontiguousarray(weights[WORD_EMBEDDINGS][kept])
     arch = info.architecture
@@ -183,19 +183,39 @@ def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Pa
     extra = sorted(set(weights) - set(model.state_dict()))
     if extra:
         raise ConversionError(f"{info.params_file} holds parameters the scorer does not have: {extra[:5]}")
-    del weights
+    return model, config
+
+
+def _check_rebuilt(model, probe: dict[str, np.ndarray], want: np.ndarray, model_dir: Path) -> None:
+    """Check 1: the dynamic-graph pruned model reproduces the full model's program on kept ids."""
+    import paddle
+
     with paddle.no_grad():
-        got = model(*model_inputs(model, pruned_probe))
+        got = model(*model_inputs(model, probe))
     err = float(np.max(np.abs(got.numpy() - want)))
     if not err < 1e-4:  # dynamic graph vs exported program, the converter's limit
         raise ConversionError(f"the rebuilt pruned model differs from {model_dir} by {err:.3g} on kept ids "
                               f"(limit 1e-4): the parameters were not read back correctly")
 
-    meta = derived_meta(info, drop=("pruning",))
-    meta["name"] = name or f"{info.name}-pruned"
-    meta["architecture"] = config
-    meta["pruning"] = {
-        "source_path": str(model_dir.resolve()),
+
+def _exported_check(probe: dict[str, np.ndarray], want: np.ndarray, model_dir: Path):
+    """Check 2, run on the staged directory: the exported pruned program reproduces the full one."""
+    def check(pruned: ModelInfo) -> None:
+        err = float(np.max(np.abs(_predict(pruned, probe) - want)))
+        if not err <= EXPORT_TOLERANCE:
+            raise ConversionError(f"the exported pruned program differs from {model_dir} by {err:.3g} on kept "
+                                  f"ids (limit {EXPORT_TOLERANCE:g})")
+
+    return check
+
+
+def _pruning_record(info: ModelInfo, vocab: dict[str, int], kept: np.ndarray, id_map: np.ndarray,
+                    map_bytes: bytes, keep_top: int, files: Sequence[Path], rows: int) -> dict:
+    """model.json "pruning" of the pruned copy of `info` (read back as `modeldir.Pruning`)."""
+    import paddle
+
+    return {
+        "source_path": str(info.path.resolve()),
         "source_params_sha256": sha256_file(info.params_file),
         "source_vocab_size": len(vocab),
         "ids_kept": int(len(kept)),
@@ -208,11 +228,36 @@ def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Pa
         "pruned_by": f"pipeline {__version__}, paddle {paddle.__version__}",
     }
 
-    def check(pruned: ModelInfo) -> None:
-        err = float(np.max(np.abs(_predict(pruned, pruned_probe) - want)))
-        if not err <= EXPORT_TOLERANCE:
-            raise ConversionError(f"the exported pruned program differs from {model_dir} by {err:.3g} on kept "
-                                  f"ids (limit {EXPORT_TOLERANCE:g})")
 
-    return save_runtime_dir(model, meta, info.vocab_file, out, check, extra_files={ID_MAP_FILE: map_bytes})
+def prune_vocab(model_dir: str | Path, data: Sequence[str | Path], out: str | Path, keep_top: int = 0,
+                force: bool = False, columns: ColumnMap = ColumnMap(), name: str | None = None) -> Path:
+    """Write the pruned copy of runtime model `model_dir` for the data in `data` into `out`."""
+    import zlib  # noqa: F401 - must precede paddle 2.6's first import (it breaks zlib otherwise)
 
+    model_dir, out = Path(model_dir), Path(out)
+    _check_target(model_dir, out, force, keep_top)
+    info = _load_unpruned(model_dir)
+    files = list_input_files(data)
+    vocab = _read_full_vocab(info)
+    counts, rows = count_data_ids(info, files, columns)
+    if rows == 0:
+        raise ConversionError(f"no usable rows in {[str(f) for f in files]}: nothing to prune for")
+    kept = choose_kept_ids(counts, vocab, keep_top)
+    id_map = build_id_map(kept, len(vocab), vocab["[UNK]"])
+    map_bytes = _npy_bytes(id_map)
+
+    import paddle
+
+    paddle.set_device("cpu")
+    # The reference: the full model's own exported program on a probe whose ids are all kept.
+    pruned_probe = probe_batch(len(kept))
+    want = _predict(info, {**pruned_probe, "input_ids": kept[pruned_probe["input_ids"]]})
+    model, config = _rebuild_pruned(info, kept, id_map)
+    _check_rebuilt(model, pruned_probe, want, model_dir)
+
+    meta = derived_meta(info, drop=("pruning",))
+    meta["name"] = name or f"{info.name}-pruned"
+    meta["architecture"] = config
+    meta["pruning"] = _pruning_record(info, vocab, kept, id_map, map_bytes, keep_top, files, rows)
+    return save_runtime_dir(model, meta, info.vocab_file, out, _exported_check(pruned_probe, want, model_dir),
+                            extra_files={ID_MAP_FILE: map_bytes})

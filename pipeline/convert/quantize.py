@@ -42,6 +42,7 @@ from pipeline.convert.errors import ConversionError
 from pipeline.convert.gate import (
     DEFAULT_MAX_LOSS_RATE,
     GateResult,
+    Rows,
     encode_rows,
     evaluate_gate,
     held_out_mask,
@@ -255,6 +256,86 @@ def quantize_program(info: ModelInfo, batches: list[dict[str, np.ndarray]], out_
                               f"{list(qs.int8_linears)}; the others would silently run fp32")
 
 
+def _check_target(model_dir: Path, out: Path, force: bool) -> None:
+    """Refuse an `out` that exists (without `force`) or is the source itself."""
+    if out.exists() and not force:
+        raise ConversionError(f"{out} exists; pass --force to overwrite it")
+    if out.resolve() == model_dir.resolve():
+        raise ConversionError(f"--out {out} is the source model itself; choose another directory")
+
+
+def _load_source(model_dir: Path) -> ModelInfo:
+    """The source runtime model: fp32 and the CPU (fused QKV) export, the only ones int8 runs from."""
+    info = load_model_info(model_dir)
+    if info.precision != "fp32":
+        raise ConversionError(f"{model_dir} has precision {info.precision!r}; quantise an fp32 model")
+    if info.attention != "fused_qkv":
+        raise ConversionError(f"{model_dir} is a `convert --target gpu` export; int8 runs on the CPU only, so "
+                              f"quantise the CPU export of the checkpoint (convert without --target gpu)")
+    return info
+
+
+def _require_paddleslim() -> None:
+    try:
+        import paddleslim  # noqa: F401
+    except ImportError as e:
+        raise ConversionError(f"{INSTALL_HINT} ({type(e).__name__}: {e})") from e
+
+
+def _split_rows(rows: Rows) -> tuple[Rows, Rows]:
+    """(calibration rows, held-out gate rows), split by qid; both halves must hold rows."""
+    held = held_out_mask(rows.qid)
+    if held.all() or not held.any():
+        raise ConversionError(f"the --calib rows hold {len(set(rows.qid))} distinct qid(s), all in one half of "
+                              f"the qid split; calibration and the held-out gate need more queries")
+    return rows.take(np.flatnonzero(~held)), rows.take(np.flatnonzero(held))
+
+
+def _copy_side_files(info: ModelInfo, dst: Path) -> None:
+    """The source's other files (vocab, id map of a pruned model, ...) into the int8 directory."""
+    for f in info.path.iterdir():
+        if f.is_file() and f.name not in (PROGRAM_FILE, PARAMS_FILE, MODEL_JSON, PARAMS_FILE + ".info"):
+            shutil.copyfile(f, dst / f.name)
+
+
+def _quantization_record(info: ModelInfo, settings: QuantSettings, files: Sequence[Path], rows: Rows,
+                         calib_rows: Rows, gate_rows: Rows, batches: list[dict[str, np.ndarray]],
+                         seconds: float) -> dict:
+    """model.json "quantization" of the int8 copy of `info`, before the gate result is added."""
+    from importlib.metadata import version
+
+    import paddle
+
+    return {
+        "method": {"tool": f"paddleslim {version('paddleslim')} quant_post_static", **asdict(settings),
+                   "onnx_format": True},
+        "source_path": str(info.path.resolve()),
+        "source_params_sha256": sha256_file(info.params_file),
+        "calibration": {
+            "files": [{"file": str(f.resolve()), "sha256": sha256_file(f)} for f in files],
+            "rows": len(rows), "calibration_rows": len(calib_rows), "held_out_rows": len(gate_rows),
+            "split": "held out: rows whose sha1(qid) first byte is odd",
+            "sequences": int(sum(len(b["input_ids"]) for b in batches)), "batches": len(batches),
+            "seconds": round(seconds, 2),
+        },
+        "onednn_int8_ops": list(settings.onednn_int8_ops),
+        "quantized_by": f"pipeline {__version__}, paddle {paddle.__version__}",
+    }
+
+
+def _write_gated(stage: Path, meta: dict, info: ModelInfo, gate_rows: Rows, max_loss_rate: float,
+                 threads: int) -> GateResult:
+    """Write model.json into `stage`, gate the staged int8 model against `info` on the held-out
+    rows, and write it again with the gate result ("quantization.gate"), each time read back."""
+    _write_meta(stage, meta)
+    int8_info = load_model_info(stage)
+    gate = evaluate_gate(info, int8_info, gate_rows, max_loss_rate, threads)
+    meta["quantization"]["gate"] = asdict(gate)
+    _write_meta(stage, meta)
+    load_model_info(stage)
+    return gate
+
+
 def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path, force: bool = False,
              columns: ColumnMap = ColumnMap(), name: str | None = None, settings: QuantSettings = QuantSettings(),
              max_loss_rate: float = DEFAULT_MAX_LOSS_RATE, threads: int | None = None,
@@ -264,70 +345,29 @@ def quantize(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path
     import zlib  # noqa: F401 - must precede paddle 2.6's first import (it breaks zlib otherwise)
 
     model_dir, out = Path(model_dir), Path(out)
-    if out.exists() and not force:
-        raise ConversionError(f"{out} exists; pass --force to overwrite it")
-    if out.resolve() == model_dir.resolve():
-        raise ConversionError(f"--out {out} is the source model itself; choose another directory")
-    info = load_model_info(model_dir)
-    if info.precision != "fp32":
-        raise ConversionError(f"{model_dir} has precision {info.precision!r}; quantise an fp32 model")
-    if info.attention != "fused_qkv":
-        raise ConversionError(f"{model_dir} is a `convert --target gpu` export; int8 runs on the CPU only, so "
-                              f"quantise the CPU export of the checkpoint (convert without --target gpu)")
-    try:
-        import paddleslim  # noqa: F401
-    except ImportError as e:
-        raise ConversionError(f"{INSTALL_HINT} ({type(e).__name__}: {e})") from e
+    _check_target(model_dir, out, force)
+    info = _load_source(model_dir)
+    _require_paddleslim()
     threads = threads or len(os.sched_getaffinity(0))
     files = list_input_files(calib)
     rows = read_rows(files, columns)
-    held = held_out_mask(rows.qid)
-    if held.all() or not held.any():
-        raise ConversionError(f"the --calib rows hold {len(set(rows.qid))} distinct qid(s), all in one half of "
-                              f"the qid split; calibration and the held-out gate need more queries")
-    calib_rows, gate_rows = rows.take(np.flatnonzero(~held)), rows.take(np.flatnonzero(held))
+    calib_rows, gate_rows = _split_rows(rows)
     text = TextEncoder(TextEncoderSpec.of(info))
     batches = calibration_batches(encode_rows(text, info, calib_rows, info.max_seq_len), text.pad_id, settings)
     log(f"calibrating on {sum(len(b['input_ids']) for b in batches)} sequences of {len(calib_rows)} rows "
         f"({len(batches)} batches); gate on {len(gate_rows)} held-out rows")
 
     with staged_dir(out) as stage:
-        tmp = stage.path
         t0 = time.perf_counter()
-        quantize_program(info, batches, tmp, settings)
+        quantize_program(info, batches, stage.path, settings)
         quant_seconds = time.perf_counter() - t0
-        for f in info.path.iterdir():  # vocab, id map of a pruned model, ...
-            if f.is_file() and f.name not in (PROGRAM_FILE, PARAMS_FILE, MODEL_JSON, PARAMS_FILE + ".info"):
-                shutil.copyfile(f, tmp / f.name)
-        from importlib.metadata import version
-
-        import paddle
-
+        _copy_side_files(info, stage.path)
         meta = derived_meta(info, drop=("quantization",))
         meta["name"] = name or f"{info.name}-int8"
         meta["precision"] = "int8"
-        record = {
-            "method": {"tool": f"paddleslim {version('paddleslim')} quant_post_static", **asdict(settings),
-                       "onnx_format": True},
-            "source_path": str(model_dir.resolve()),
-            "source_params_sha256": sha256_file(info.params_file),
-            "calibration": {
-                "files": [{"file": str(f.resolve()), "sha256": sha256_file(f)} for f in files],
-                "rows": len(rows), "calibration_rows": len(calib_rows), "held_out_rows": len(gate_rows),
-                "split": "held out: rows whose sha1(qid) first byte is odd",
-                "sequences": int(sum(len(b["input_ids"]) for b in batches)), "batches": len(batches),
-                "seconds": round(quant_seconds, 2),
-            },
-            "onednn_int8_ops": list(settings.onednn_int8_ops),
-            "quantized_by": f"pipeline {__version__}, paddle {paddle.__version__}",
-        }
-        meta["quantization"] = record
-        _write_meta(tmp, meta)
-        int8_info = load_model_info(tmp)
-        gate = evaluate_gate(info, int8_info, gate_rows, max_loss_rate, threads)
-        record["gate"] = asdict(gate)
-        _write_meta(tmp, meta)
-        load_model_info(tmp)
+        meta["quantization"] = _quantization_record(info, settings, files, rows, calib_rows, gate_rows,
+                                                    batches, quant_seconds)
+        gate = _write_gated(stage.path, meta, info, gate_rows, max_loss_rate, threads)
         if not gate.passed and not force:
             stage.discard()
     if not gate.passed and not force:

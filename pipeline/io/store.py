@@ -139,12 +139,20 @@ class RunStore:
     # ------------------------------------------------------------------ opening
 
     def _peek_manifest(self) -> dict | None:
-        """The manifest if it is readable (a plain run only needs to know whether one is in the way)."""
-        try:
-            m = json.loads((self.partial / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        """The manifest of an unfinished run in the way of a plain run, if any. One that exists but
+        cannot be read is refused too: what it protects is unknown, so only --restart discards it."""
+        path = self.partial / MANIFEST
+        if not path.is_file():
             return None
-        return None if _manifest_problem(m) else m
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+            problem = _manifest_problem(m)
+        except (OSError, ValueError) as e:
+            problem = str(e)
+        if problem:
+            raise ResumeError(f"{self.partial} holds an unfinished run whose manifest {path} is unreadable "
+                              f"({problem}); pass --restart to discard it and start over")
+        return m
 
     def _load_for_resume(self) -> dict | None:
         """The manifest of the run to resume, checked; None for a run that committed nothing."""

@@ -27,7 +27,7 @@ from pipeline.config import REPO_ROOT
 from pipeline.io import exports
 from pipeline.io.exports import write_ranking_outputs
 from pipeline.io.reader import Reject
-from pipeline.io.store import FILES, MANIFEST, ResumeError, RunStore
+from pipeline.io.store import FILES, MANIFEST, PARTIAL, ResumeError, RunStore
 from pipeline.ranking import ranking_metrics
 
 SCHEMA = pa.schema([("row", pa.int64()), ("file", pa.int32()), ("line", pa.int64()), ("qid", pa.string()),
@@ -294,11 +294,14 @@ def test_resume_errors_say_what_to_do(tmp_path, state, message):
     assert store.windows == 0 and list(store.partial.iterdir()) == []
 
 
-def test_plain_run_with_an_unreadable_manifest_starts_over(tmp_path):
+def test_plain_run_refuses_an_unreadable_manifest_and_restart_discards_it(tmp_path):
     store = RunStore(tmp_path, FP, resume=False, restart=False)
     commit(store, random_windows(1, n_windows=2))
     _manifest(tmp_path).write_text("{")
-    store = RunStore(tmp_path, FP, resume=False, restart=False)
+    with pytest.raises(ResumeError, match="unreadable.*--restart"):
+        RunStore(tmp_path, FP, resume=False, restart=False)
+    assert len(list((tmp_path / PARTIAL).glob("part-*"))) == 2, "nothing may be discarded without --restart"
+    store = RunStore(tmp_path, FP, resume=False, restart=True)
     assert store.windows == 0 and list(store.partial.iterdir()) == []
 
 

@@ -239,3 +239,39 @@ def test_hostile_input_never_crashes_and_counts_add_up(tiny_cross_dir, tmp_path_
     rejects = (out / "rejects.tsv").read_text(encoding="utf-8").splitlines()
     assert len(rejects) - 1 == r["rows"]["rejected"]
     assert len((out / "predictions.tsv").read_text(encoding="utf-8").splitlines()) == r["rows"]["scored"]
+
+
+def test_a_rerun_keeps_the_previous_results_until_it_publishes(small_sample, tiny_cross_dir, tmp_path):
+    """A second run into the same folder that stops half-way (cancelled, as Ctrl-C does) leaves the
+    first run's files as they were; a rerun replaces them only when it publishes its own."""
+    from pipeline.cancel import Cancelled, CancelToken
+    from pipeline.io.store import FILES
+
+    out = tmp_path / "out"
+    info = load_model_info(tiny_cross_dir)
+    cfg = RunConfig(inputs=(small_sample,), out_dir=out, workers=0, threads=1, chunk_rows=50, window_rows=50,
+                    progress=False)
+    run(cfg, info)
+    before = {name: (out / name).read_bytes() for name in FILES if name != "report.json"}
+    cancel = CancelToken()
+
+    class Zeros:  # backend double: every score 0; cancels the run at call `cancel_at`
+        concurrency = 1
+
+        def __init__(self, cancel_at=None):
+            self.calls, self.cancel_at = 0, cancel_at
+
+        def run(self, ids, types, mask):
+            self.calls += 1
+            if self.calls == self.cancel_at:
+                cancel.cancel()
+            return np.zeros(len(ids), np.float32)
+
+    with pytest.raises(Cancelled):
+        run(cfg, info, cancel, backend=Zeros(cancel_at=8))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / ".partial").is_dir()
+    # --restart then publishes a complete new set (the double's scores are all 0)
+    run(RunConfig(**{**cfg.__dict__, "restart": True}), info, backend=Zeros())
+    scores = {line.split("\t")[2] for line in (out / "predictions.tsv").read_text().splitlines()}
+    assert scores == {"0.0"} and not (out / ".partial").exists()
