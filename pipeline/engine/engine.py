@@ -79,11 +79,6 @@ class BatchStats:
     batches: int = 0
     seconds: float = 0.0
 
-    def add(self, other: "BatchStats") -> "BatchStats":
-        return BatchStats(self.sequences + other.sequences, self.tokens + other.tokens,
-                          self.padded_tokens + other.padded_tokens, self.batches + other.batches,
-                          self.seconds + other.seconds)
-
 
 def create_backend(model: ModelInfo, s: EngineSettings) -> Backend:
     from pipeline.engine.predictor import GpuUnavailable, PaddlePredictor, PredictorSettings

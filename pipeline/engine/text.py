@@ -55,13 +55,6 @@ class TokenizeResult:
     truncated: int = 0  # pre-tokenized sequences cut to max_seq_len
     unknown_tokens: int = 0  # pruned models: tokens outside the kept vocabulary, now [UNK]
 
-    @property
-    def ok(self) -> np.ndarray:
-        """bool per item: True where a sequence was built (its index in `enc` is cumsum - 1)."""
-        ok = np.ones(len(self.enc) + len(self.failed), dtype=bool)
-        ok[list(self.failed)] = False
-        return ok
-
 
 class TextEncoder:
     def __init__(self, spec: TextEncoderSpec):

@@ -61,7 +61,7 @@ class Task(Protocol):
         """Write the task's final files into the store's staging folder; returns metrics or None."""
 
 
-def row_failures(n: int, failed: dict[int, str]) -> np.ndarray:
+def sequence_built(n: int, failed: dict[int, str]) -> np.ndarray:
     """bool per item: True where the tokenizer built a sequence."""
     ok = np.ones(n, dtype=bool)
     ok[list(failed)] = False

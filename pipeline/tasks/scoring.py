@@ -26,7 +26,7 @@ from pipeline.engine.tokenizer import Encoded
 from pipeline.io.exports import write_ranking_outputs
 from pipeline.io.reader import Chunk, DatasetReader, Reject
 from pipeline.io.store import RunStore
-from pipeline.tasks.base import Item, WindowOutput, row_failures
+from pipeline.tasks.base import Item, WindowOutput, sequence_built
 
 SCORED_SCHEMA = pa.schema([("row", pa.int64()), ("file", pa.int32()), ("line", pa.int64()), ("qid", pa.string()),
                            ("doc_id", pa.string()), ("label", pa.float64()), ("score", pa.float64())])
@@ -88,7 +88,7 @@ class CrossScoring(_Scoring):
         out, scores, start = out.astype(np.float64), [], 0
         for it, r in zip(items, results):
             s = np.full(len(it.chunk), np.nan)
-            s[row_failures(len(it.chunk), r.failed)] = out[start:start + len(r.enc)]
+            s[sequence_built(len(it.chunk), r.failed)] = out[start:start + len(r.enc)]
             start += len(r.enc)
             scores.append(s)
         return scores, [dict(r.failed) for r in results], stats
@@ -111,7 +111,7 @@ class BiScoring(_Scoring):
         parts, chunk_slots = [], []
         for item, res in zip(items, results):
             texts = item.request.a
-            ok = row_failures(len(texts), res.failed)
+            ok = sequence_built(len(texts), res.failed)
             enc_pos = np.cumsum(ok) - 1  # text index in the chunk -> index in res.enc
             slots, new = np.full(len(texts), -1, dtype=np.int64), []
             for i in np.flatnonzero(ok).tolist():
