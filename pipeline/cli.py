@@ -180,9 +180,6 @@ def _run(args) -> int:
         progress=args.progress, run_tag=args.run_tag, resume=args.resume, restart=args.restart,
     )
     info = load_model_info(cfg.model) if cfg.model else default_model()
-    # paddle installs its own SIGTERM handler when it is first imported (glog's failure handler,
-    # which aborts the process): import it before taking the signals over.
-    import pipeline.engine.predictor  # noqa: F401
     with cancel_on_signals() as cancel:
         report = run(cfg, info, cancel)
     print(format_summary(report, cfg.out_dir))

@@ -5,6 +5,9 @@ first imported, so users never have to know about it:
 - `MKL_DEBUG_CPU_TYPE=5`: MKL otherwise picks slow generic kernels on AMD CPUs (measured
   1.3x on the oneDNN predictor, 2x on plain MKL paths; see README "Performance notes").
 - `import zlib` first: paddle 2.6 breaks Python's zlib if it is imported before it.
+- SIGTERM: paddle's first import installs glog's failure handler for it, which prints a stack
+  dump and aborts the process, replacing whatever Python had there (the CLI's cancel on
+  SIGTERM, or the default). The handler Python had is put back right after the import.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep the C++ pass log off the console
 
 import queue  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+_SIGTERM = signal.getsignal(signal.SIGTERM)
 from paddle import inference as paddle_infer  # noqa: E402
+
+if _SIGTERM is not None and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _SIGTERM)
 
 from pipeline.engine.batching import position_ids  # noqa: E402
 from pipeline.engine.modeldir import POSITION_IDS, ModelInfo  # noqa: E402

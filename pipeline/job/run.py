@@ -58,13 +58,16 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
     check_writable(cfg.out_dir)
     store = RunStore(cfg.out_dir, fingerprint(reader.files, model, settings, cfg), cfg.resume, cfg.restart)
     tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()
-    pool = None
+    pool = feeder = None
     try:
         pool = TokenizerPool(TextEncoderSpec.of(model), settings.workers)
+        chunks_per_window = max(1, settings.window_rows // settings.chunk_rows)
+        feeder = ChunkFeeder(reader, pool, task, settings.max_seq_len,
+                             depth=chunks_per_window + 2 * max(settings.workers, 1), skip=store.chunks)
+        feeder.start()  # the workers boot and tokenize the first window while the predictor loads
         with Engine(model, settings.engine, backend) as engine:
-            pool.wait_ready()
             timing.startup = time.perf_counter() - timing.started
-            _score_windows(task, engine, reader, pool, store, settings, tally, cancel)
+            _score_windows(task, engine, feeder, store, settings, tally, cancel)
         t0 = time.perf_counter()
         metrics = task.finish(store, settings.run_tag, reader.has_label, cancel)
         timing.rank = store.rank_seconds
@@ -78,26 +81,23 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
         store.discard()  # a file-level or settings problem: nothing worth resuming
         raise
     finally:
+        if feeder is not None:
+            feeder.stop.set()
         if pool is not None:
             pool.shutdown()
     return report
 
 
-def _score_windows(task: Task, engine: Engine, reader: DatasetReader, pool: TokenizerPool, store: RunStore,
-                   settings: Settings, tally: Tally, cancel: CancelToken) -> None:
-    chunks_per_window = max(1, settings.window_rows // settings.chunk_rows)
-    feeder = ChunkFeeder(reader, pool, task, settings.max_seq_len,
-                         depth=chunks_per_window + 2 * max(settings.workers, 1), skip=store.chunks)
+def _score_windows(task: Task, engine: Engine, feeder: ChunkFeeder, store: RunStore, settings: Settings,
+                   tally: Tally, cancel: CancelToken) -> None:
     progress = progress_bar(settings.progress, initial=store.manifest["rows_committed"])
-    file_index = {str(f): i for i, f in enumerate(reader.files)}
+    file_index = {str(f): i for i, f in enumerate(feeder.reader.files)}
     read_before = tally.read_seconds
-    feeder.start()
     try:
         for window, chunks_done in feeder.windows(settings.window_rows, cancel):
             tally.read_seconds = read_before + feeder.read_seconds
             _commit_window(task, engine, store, window, chunks_done, file_index, tally, cancel, progress)
     finally:
-        feeder.stop.set()
         progress.close()
 
 

@@ -53,16 +53,13 @@ class TokenizerPool:
         if workers > 0:
             self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_init_worker_process, initargs=(os.getpid(), spec))
-            # Start the workers now so that they boot while the predictor loads (~2 s otherwise
-            # spent waiting for them on the first chunk).
-            self._warm = [self._executor.submit(_ready) for _ in range(workers)]
+            # Start every worker now (the pool spawns them on demand otherwise), so that they all
+            # boot while the predictor loads.
+            for _ in range(workers):
+                self._executor.submit(_ready)
             self._inline = None
         else:
-            self._executor, self._warm, self._inline = None, [], spec.build()
-
-    def wait_ready(self) -> None:
-        for f in self._warm:
-            f.result()
+            self._executor, self._inline = None, spec.build()
 
     def submit(self, req: TokenizeRequest) -> Future:
         if self._executor is not None:
