@@ -27,7 +27,7 @@ from pipeline.job.feeder import WORKER_DIED, ChunkFeeder, RunError
 from pipeline.job.report import Tally, Timing, build_report, progress_bar
 from pipeline.job.workers import TokenizerPool
 from pipeline.memory import release_free_memory
-from pipeline.tasks import get_task
+from pipeline.tasks import check_input, get_task
 from pipeline.tasks.base import Item, Task
 
 __all__ = ["RunError", "fingerprint", "run"]
@@ -54,7 +54,7 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
     settings = resolve(cfg, model)
     task = get_task(settings.mode)
     reader = DatasetReader(cfg.inputs, cfg.columns, chunk_rows=settings.chunk_rows)  # checks every header
-    task.check_input(reader)
+    check_input(task, reader)
     check_writable(cfg.out_dir)
     store = RunStore(cfg.out_dir, fingerprint(reader.files, model, settings, cfg), cfg.resume, cfg.restart)
     tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()

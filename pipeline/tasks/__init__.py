@@ -4,10 +4,16 @@ interface (`tasks.base.Task`). A new task (generation) is one more entry."""
 from __future__ import annotations
 
 from pipeline.errors import ConfigError
+from pipeline.tasks import base
 from pipeline.tasks.base import Task
 from pipeline.tasks.scoring import BiScoring, CrossScoring
 
 TASKS: dict[str, Task] = {t.name: t for t in (CrossScoring(), BiScoring())}
+
+
+def check_input(task: Task, reader) -> None:
+    """Refuse input the task does not take (see tasks.base.check_input)."""
+    base.check_input(task, reader, TASKS)
 
 
 def get_task(name: str) -> Task:

@@ -21,6 +21,7 @@ import pyarrow as pa
 from pipeline.cancel import CancelToken
 from pipeline.engine.engine import BatchStats, Engine
 from pipeline.engine.text import TokenizeRequest, TokenizeResult
+from pipeline.errors import ConfigError
 from pipeline.io.reader import Chunk, DatasetReader, Reject
 from pipeline.io.store import RunStore
 
@@ -45,12 +46,13 @@ class WindowOutput:
     per_file: dict[str, int] = field(default_factory=dict)  # file -> rows finished
 
 
+INPUT_KINDS = ("text", "pretokenized")  # the row layouts DatasetReader knows: text pairs, token-id pairs
+
+
 class Task(Protocol):
     name: str
     model_output: str  # what the model must output for this task: 'score' | 'embedding'
-
-    def check_input(self, reader: DatasetReader) -> None:
-        """Refuse input this task cannot take (raise ConfigError naming what to change)."""
+    input_kinds: tuple[str, ...]  # the INPUT_KINDS it takes (the reader's columns for each)
 
     def prepare(self, chunk: Chunk, rejects: list[Reject], max_seq_len: int) -> Item: ...
 
@@ -59,6 +61,15 @@ class Task(Protocol):
 
     def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
         """Write the task's final files into the store's staging folder; returns metrics or None."""
+
+
+def check_input(task: Task, reader: DatasetReader, tasks: dict[str, Task]) -> None:
+    """Refuse input whose kind the task does not take, naming the tasks that do."""
+    kind = "pretokenized" if reader.pretokenized else "text"
+    if kind not in task.input_kinds:
+        others = [t.name for t in tasks.values() if kind in t.input_kinds]
+        raise ConfigError(f"the input holds {kind} query-doc pairs, which task {task.name!r} does not take; "
+                          f"only --mode {' or '.join(others) or '(none)'} can score them")
 
 
 def sequence_built(n: int, failed: dict[int, str]) -> np.ndarray:

@@ -19,12 +19,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cancel import CancelToken
-from pipeline.errors import ConfigError
 from pipeline.engine.engine import Engine, cosine, distinct
 from pipeline.engine.text import TokenizeRequest, TokenizeResult
 from pipeline.engine.tokenizer import Encoded
 from pipeline.io.exports import write_ranking_outputs
-from pipeline.io.reader import Chunk, DatasetReader, Reject
+from pipeline.io.reader import Chunk, Reject
 from pipeline.io.store import RunStore
 from pipeline.tasks.base import Item, WindowOutput, sequence_built
 
@@ -59,9 +58,7 @@ class _Scoring:
 
     name: str
     model_output: str
-
-    def check_input(self, reader: DatasetReader) -> None:
-        pass
+    input_kinds: tuple[str, ...]
 
     def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
         metrics = write_ranking_outputs(store, run_tag, labelled, cancel)
@@ -76,7 +73,7 @@ class _Scoring:
 
 
 class CrossScoring(_Scoring):
-    name, model_output = "cross", "score"
+    name, model_output, input_kinds = "cross", "score", ("text", "pretokenized")
 
     def prepare(self, chunk: Chunk, rejects: list[Reject], max_seq_len: int) -> Item:
         if chunk.input_ids is not None:
@@ -95,11 +92,7 @@ class CrossScoring(_Scoring):
 
 
 class BiScoring(_Scoring):
-    name, model_output = "bi", "embedding"
-
-    def check_input(self, reader: DatasetReader) -> None:
-        if reader.pretokenized:
-            raise ConfigError("pre-tokenized input holds query-doc pairs, which only --mode cross can score")
+    name, model_output, input_kinds = "bi", "embedding", ("text",)
 
     def prepare(self, chunk: Chunk, rejects: list[Reject], max_seq_len: int) -> Item:
         """Every distinct text of the chunk is tokenized once, however many rows use it."""

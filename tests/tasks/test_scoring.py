@@ -43,12 +43,16 @@ def test_bi_requests_each_distinct_text_once_with_every_rows_slots():
     assert [texts[i] for i in d_idx] == ["same doc", "other doc", "same doc"]
 
 
-def test_bi_refuses_pretokenized_input():
+def test_tasks_name_the_input_they_take_and_bi_refuses_pretokenized_pairs():
+    from pipeline.tasks import check_input
+
     class Reader:
         pretokenized = True
 
-    with pytest.raises(ConfigError, match="only --mode cross"):
-        get_task("bi").check_input(Reader())
+    assert get_task("cross").input_kinds == ("text", "pretokenized") and get_task("bi").input_kinds == ("text",)
+    check_input(get_task("cross"), Reader())
+    with pytest.raises(ConfigError, match="task 'bi' does not take; only --mode cross can score them"):
+        check_input(get_task("bi"), Reader())
 
 
 def test_scored_output_keeps_scored_rows_and_rejects_the_others_in_row_order():
