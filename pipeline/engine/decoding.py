@@ -1,0 +1,557 @@
+"""Decoding for batch generation: greedy, beam search and sampling over a step function (no paddle).
+
+The model sits behind `StepModel`, three calls on numpy arrays, so that a Paddle Inference
+predictor, the dynamic-graph `DecoderForCausalLM` or a numpy toy model in the tests can serve:
+
+- `prefill(input_ids, position_ids, attention_mask)` with a left-padded batch [B, L] (int64)
+  returns the logits after each row's last prompt token [B, V] and starts the model's
+  key/value cache for those B rows;
+- `step(input_ids [R, 1], position_ids [R, 1], attention_mask [R, T])` feeds one new token per
+  row; the mask covers the T - 1 cached columns and the new one; returns logits [R, V];
+- `select(rows)`: the cache keeps row `rows[i]` as its new row i. Rows may repeat (beams that
+  share a parent, samples of one prompt) and may be left out (finished rows, done prompts).
+
+Finished rows stop costing compute by being dropped: before the next step, `select` keeps only
+the rows that continue. Chosen over refilling a finished row's slot with the next prompt because
+pre-padding puts every row's next token in the same column: a newcomer would need its own
+prefill and a cache whose rows start at different columns, so masks and positions per row, and a
+model interface beyond three calls. Dropping needs nothing from the model but a row gather of
+its cache, which beam search needs every step anyway; it costs one gather on a step where some
+row finished (none on the other steps), and a batch runs for as long as its longest row, with
+fewer rows as rows finish. `DecodingSettings.drop_finished=False` keeps the batch at full size
+(finished rows fed padding, their outputs ignored) to measure the difference and to test that
+dropping changes no result.
+
+Strategies, as Hugging Face's `generate` defines them:
+- greedy: argmax of the logits;
+- beam search (`num_beams`, `num_return_sequences`, `length_penalty`, `early_stopping` True,
+  False or "never", EOS): HF's `BeamSearchScorer`: each step ranks the max(2, 1 + #eos) x
+  num_beams best continuations of a prompt's beams by summed log-probability; an EOS among the
+  first num_beams goes into the prompt's n-best list (scored sum / generated_length **
+  length_penalty, the EOS counted in both), the first num_beams others are the next beams; a
+  prompt is done by HF's `is_done` rule for its `early_stopping`; at max_new_tokens the
+  remaining beams join the n-best list. One difference: HF starts a prompt with num_beams
+  copies of its prompt, all but one at -1e9, and may carry such placeholder beams while the
+  vocabulary offers fewer real continuations than beams; here a prompt starts with one beam and
+  has at most num_beams real ones. The results are the same whenever the vocabulary has at
+  least num_beams non-EOS tokens.
+- sampling (`temperature`, `top_k`, `top_p`, HF's order and rules, `num_return_sequences`
+  samples per prompt): each sample row draws one uniform per step from its own numpy Generator
+  seeded from a hash of (seed, row key, sample index), and picks by inverse CDF; nothing of it
+  depends on the batch the row lands in, nor on which other rows have finished.
+
+Every candidate reports its tokens (EOS included, as HF's sequences hold it), the sum and mean
+of their log-probabilities under the model (log-softmax of its raw logits, before temperature
+or filtering; float64 sums, the softmax normaliser from one exp pass in the logits' precision)
+and why it ended: 'eos', 'length' (max_new_tokens) or 'stop' (a stop string
+appeared in the detokenized text; `decode` is the caller's detokenizer, called on a row's
+generated tokens). A stop string acts as an EOS would: in beam search a continuation that
+completes one ends its hypothesis. Candidates are ranked by `score`: the beam score for beam
+search, the mean log-probability otherwise.
+
+Per step, the numpy work on the [R, V] logits is one exp pass (the log-softmax normalisers of
+the rows), an argmax (greedy), a few argmax passes for the num_beams x 2 best tokens of each
+beam (beam search), a partition for top-k and a partial sort for top-p (sampling): no sort of
+the vocabulary and no [R, V] float64 copy. Every operation is row by row, so a row's result
+does not depend on the rows beside it (given a model whose logits do not either).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional, Protocol, Union
+
+import numpy as np
+
+from pipeline.engine.generation_batching import (
+    GenerationBudget,
+    PaddedPrompts,
+    left_pad,
+    plan_generation_batches,
+    restore_order,
+)
+from pipeline.errors import ConfigError
+
+EOS, LENGTH, STOP = "eos", "length", "stop"
+RowKey = Union[int, str]
+
+
+class StepModel(Protocol):
+    """A model with its key/value cache (stateful: one per stream); `prefill` starts a batch."""
+
+    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+    def select(self, rows: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    max_new_tokens: int = 64
+    strategy: str = "auto"  # auto: beam if num_beams > 1, else sample if do_sample, else greedy
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False  # True, False (HF's heuristic) or "never"
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off (HF's default of 50 is not assumed)
+    top_p: float = 1.0  # 1.0: off
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    stop_strings: tuple[str, ...] = ()
+    drop_finished: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        need(self.strategy in ("auto", "greedy", "beam", "sample"), f"unknown decoding strategy {self.strategy!r}")
+        need(self.num_beams >= 1, f"--num-beams must be >= 1, got {self.num_beams}")
+        need(self.num_return_sequences >= 1, f"--num-return-sequences must be >= 1, got {self.num_return_sequences}")
+        need(self.early_stopping in (True, False, "never"),
+             f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        need(self.temperature > 0, f"--temperature must be > 0 (use greedy decoding for 0), got {self.temperature}")
+        need(self.top_k >= 0, f"--top-k must be >= 0 (0: off), got {self.top_k}")
+        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings")
+        s = self.resolved_strategy
+        need(not (self.do_sample and self.num_beams > 1), "beam sampling is not supported: "
+             "use --num-beams 1 with sampling, or beam search without it")
+        need(s != "greedy" or self.num_return_sequences == 1,
+             "greedy decoding returns one sequence: use --num-beams or sampling for --num-return-sequences > 1")
+        need(s != "beam" or self.num_return_sequences <= self.num_beams,
+             f"--num-return-sequences {self.num_return_sequences} exceeds --num-beams {self.num_beams}")
+
+    @property
+    def resolved_strategy(self) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "beam" if self.num_beams > 1 else "sample" if self.do_sample else "greedy"
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Model rows one prompt decodes as (what the memory budget multiplies by)."""
+        s = self.resolved_strategy
+        return self.num_beams if s == "beam" else self.num_return_sequences if s == "sample" else 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token_ids: tuple[int, ...]  # generated tokens, the EOS that ended them included
+    sum_logprob: float
+    score: float  # what candidates are ranked by: beam score, or mean log-probability
+    finish_reason: str  # 'eos' | 'length' | 'stop'
+    stop_string: Optional[str] = None  # the stop string found (earliest in the text) if 'stop'
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / len(self.token_ids)
+
+
+@dataclass
+class DecodeStats:
+    prompts: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0  # real prompt tokens
+    padded_prompt_tokens: int = 0  # prefill columns x rows
+    generated_tokens: int = 0  # tokens of the returned candidates
+    step_calls: int = 0
+    row_steps: int = 0  # rows fed to step calls, summed: the decode compute
+    selects: int = 0
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _float(logits) -> np.ndarray:
+    x = np.asarray(logits)
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+
+
+def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the max m and log Z = log sum exp(x - m) (float64), so that a token's
+    log-probability is (x - m) - log Z. One exp pass over [R, V] in the logits' own precision,
+    summed in float64; row by row, so a row's values do not depend on its batch."""
+    x = _float(logits)
+    m = x.max(axis=-1, keepdims=True)
+    z = np.exp(x - m).sum(axis=-1, dtype=np.float64)
+    return m[..., 0].astype(np.float64), np.log(z)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax, float64 [R, V]: the values the decoders use, for every token."""
+    x = _float(logits)
+    m, log_z = log_normalizers(x)
+    return x.astype(np.float64) - m[..., None] - log_z[..., None]
+
+
+def _token_logprobs(x: np.ndarray, m: np.ndarray, log_z: np.ndarray, rows: np.ndarray, toks: np.ndarray) -> np.ndarray:
+    return x[rows, toks].astype(np.float64) - m[rows] - log_z[rows]
+
+
+def _kth_largest(x: np.ndarray, n: int) -> np.ndarray:
+    """Each row's n-th largest value [R] (1 <= n <= V)."""
+    if n <= 32:
+        return x[np.arange(len(x)), top_tokens(x, n)[:, -1]]
+    return np.partition(x, x.shape[-1] - n, axis=-1)[:, x.shape[-1] - n]
+
+
+def top_tokens(x: np.ndarray, n: int) -> np.ndarray:
+    """The n largest entries of each row [R, n], largest first, ties by the lower id.
+
+    n argmax passes over a working copy when n is small (much faster than a partition of a
+    large vocabulary), a partition otherwise."""
+    r, v = x.shape
+    if n >= v:
+        return np.lexsort((np.tile(np.arange(v), (r, 1)), -x), axis=-1)
+    if n > 32:
+        kth = _kth_largest(x, n)[:, None]
+        chosen = x >= kth
+        if (chosen.sum(axis=-1) != n).any():  # ties with the n-th value: the lowest ids first
+            tie = x == kth
+            room = n - (x > kth).sum(axis=-1, keepdims=True)
+            chosen = (x > kth) | (tie & (np.cumsum(tie, axis=-1) <= room))
+        idx = np.nonzero(chosen)[1].reshape(r, n)
+        order = np.lexsort((idx, -np.take_along_axis(x, idx, axis=-1)), axis=-1)
+        return np.take_along_axis(idx, order, axis=-1)
+    work = np.array(x, copy=True)
+    rows = np.arange(r)
+    out = np.empty((r, n), dtype=np.int64)
+    for j in range(n):
+        out[:, j] = work.argmax(axis=-1)
+        work[rows, out[:, j]] = -np.inf
+    return out
+
+
+def sampling_keep(y: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> Optional[np.ndarray]:
+    """HF's top-k then top-p on temperature-scaled logits y [R, V]: a bool mask of the tokens
+    kept, or None when nothing is filtered.
+
+    top-k keeps the tokens whose logit is at least the k-th largest (ties with it are kept, as
+    HF keeps them); top-p, on the distribution top-k left, keeps the most probable tokens up to
+    and including the first at which their cumulative probability reaches top_p (at least one;
+    the same set as HF's ascending-sort rule, ties ordered by token id). No full sort of the
+    vocabulary: the nucleus is searched among the 256 most probable tokens, then 4x as many,
+    until their mass reaches top_p."""
+    r, v = y.shape
+    keep = None
+    if 0 < top_k < v:
+        kth = _kth_largest(y, top_k)
+        keep = y >= kth[:, None]
+    if top_p >= 1.0:
+        return keep
+    e = None if keep is not None else np.exp(y - y.max(axis=-1, keepdims=True))
+    nucleus = np.zeros((r, v), dtype=bool)
+    for i in range(r):
+        if keep is not None:
+            cand = np.flatnonzero(keep[i])
+            w = np.exp((y[i, cand] - y[i, cand].max()).astype(np.float64))
+            total, m = w.sum(), len(cand)
+        else:
+            total, m = e[i].sum(dtype=np.float64), min(v, 256)
+        while True:
+            if keep is None:
+                cand = np.argpartition(-y[i], m - 1)[:m] if m < v else np.arange(v)
+                w = e[i, cand].astype(np.float64)
+            order = np.lexsort((cand, -y[i, cand]))  # most probable first, ties by id
+            p = w[order] / total
+            before = np.concatenate([[0.0], np.cumsum(p)[:-1]])  # mass of the more probable tokens
+            inside = before < top_p
+            if keep is not None or m == v or before[-1] + p[-1] >= top_p:
+                break
+            m = min(v, 4 * m)
+        inside[0] = True
+        nucleus[i, cand[order[inside]]] = True
+    return nucleus if keep is None else nucleus & keep
+
+
+def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """logits / temperature with the tokens top-k and top-p remove at -inf (float64 [R, V])."""
+    y = _float(logits) / temperature
+    keep = sampling_keep(y, top_k, top_p)
+    y = y.astype(np.float64)
+    return y if keep is None else np.where(keep, y, -np.inf)
+
+
+def sample_tokens(y: np.ndarray, keep: Optional[np.ndarray], uniforms: np.ndarray) -> np.ndarray:
+    """One draw per row from softmax(y) over its kept tokens (all if keep is None), by inverse
+    CDF in token-id order with that row's uniform in [0, 1)."""
+    out = np.empty(len(y), dtype=np.int64)
+    for i in range(len(y)):
+        cand = np.arange(y.shape[1]) if keep is None else np.flatnonzero(keep[i])
+        c = np.cumsum(np.exp((y[i, cand] - y[i, cand].max()).astype(np.float64)))
+        out[i] = cand[min(int(np.searchsorted(c, uniforms[i] * c[-1], side="right")), len(cand) - 1)]
+    return out
+
+
+def row_generator(seed: int, row_key: RowKey, sample: int = 0) -> np.random.Generator:
+    """The random stream of one sample row: a function of (seed, row key, sample index) only."""
+    if isinstance(row_key, (int, np.integer)):
+        row_key = int(row_key)
+    elif not isinstance(row_key, str):
+        raise TypeError(f"row keys must be int or str, got {type(row_key).__name__}")
+    digest = hashlib.blake2b(repr((int(seed), row_key, int(sample))).encode("utf-8"), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def _stop_hit(decode: Callable[[Sequence[int]], str], stops: tuple[str, ...], tokens: Sequence[int]) -> Optional[str]:
+    """The stop string that occurs earliest in decode(tokens), or None."""
+    text = decode(tokens)
+    best: Optional[tuple[int, str]] = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return None if best is None else best[1]
+
+
+class _Batch:
+    """The model's rows as its cache holds them: the mask and next positions of each, and the
+    calls that move them (select, then step)."""
+
+    def __init__(self, model: StepModel, prompts: PaddedPrompts, s: DecodingSettings, stats: DecodeStats):
+        self.model, self.s, self.stats = model, s, stats
+        self.mask = prompts.attention_mask.astype(np.int64)
+        self.next_pos = prompts.position_ids[:, -1].astype(np.int64) + 1
+
+    def prefill(self, prompts: PaddedPrompts) -> np.ndarray:
+        logits = np.asarray(self.model.prefill(prompts.input_ids, prompts.position_ids, self.mask))
+        assert logits.ndim == 2 and logits.shape[0] == len(self.mask), f"prefill returned {logits.shape}"
+        return logits
+
+    def advance(self, parents: np.ndarray, tokens: np.ndarray, width: int) -> np.ndarray:
+        """Continue cache rows `parents` (repeats allowed) with one token each; their logits.
+
+        Without drop_finished, the batch is kept at `width` rows with filler rows (row 0 of the
+        cache, fed padding) whose outputs are discarded."""
+        n = len(parents)
+        parents = np.asarray(parents, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if not self.s.drop_finished and n < width:
+            parents = np.concatenate([parents, np.zeros(width - n, np.int64)])
+            tokens = np.concatenate([tokens, np.full(width - n, self.s.pad_token_id, np.int64)])
+        rows = len(self.mask)
+        if len(parents) != rows or not np.array_equal(parents, np.arange(rows)):
+            self.model.select(parents)
+            self.mask, self.next_pos = self.mask[parents], self.next_pos[parents]
+            self.stats.selects += 1
+        self.mask = np.concatenate([self.mask, np.ones((len(parents), 1), np.int64)], axis=1)
+        logits = np.asarray(self.model.step(tokens[:, None], self.next_pos[:, None].copy(), self.mask))
+        assert logits.ndim == 2 and logits.shape[0] == len(parents), f"step returned {logits.shape}"
+        self.next_pos = self.next_pos + 1
+        self.stats.step_calls += 1
+        self.stats.row_steps += len(parents)
+        return logits[:n]
+
+
+# ----------------------------------------------------------------------------- greedy and sampling
+
+
+def _decode_rows(batch: _Batch, first: np.ndarray, s: DecodingSettings, keys: Sequence[RowKey],
+                 decode: Optional[Callable]) -> list[list[Candidate]]:
+    """Greedy or sampling: every row on its own; `num_return_sequences` sample rows per prompt."""
+    b = len(first)
+    sampling = s.resolved_strategy == "sample"
+    n = s.num_return_sequences if sampling else 1
+    prompt_of = np.repeat(np.arange(b), n)
+    rngs = [row_generator(s.seed, keys[p], j) for p, j in zip(prompt_of, np.tile(np.arange(n), b))] if sampling else []
+    eos = set(s.eos_token_ids)
+    tokens: list[list[int]] = [[] for _ in range(b * n)]
+    sums = [0.0] * (b * n)
+    done: list[Optional[Candidate]] = [None] * (b * n)
+    live = np.arange(b * n)  # logical rows still generating
+    cache_row = prompt_of.copy()  # each live row's row in the model's cache
+    logits = first[cache_row]
+    for t in range(s.max_new_tokens):
+        x = _float(logits)
+        if sampling:
+            u = np.array([rngs[i].random() for i in live])
+            y = x / s.temperature
+            tok = sample_tokens(y, sampling_keep(y, s.top_k, s.top_p), u)
+        else:
+            tok = x.argmax(axis=-1)
+        tok_lp = _token_logprobs(x, *log_normalizers(x), np.arange(len(live)), tok)
+        cont = np.ones(len(live), dtype=bool)
+        for i, row in enumerate(live):
+            tk = int(tok[i])
+            tokens[row].append(tk)
+            sums[row] += float(tok_lp[i])
+            reason, stop = None, None
+            if tk in eos:
+                reason = EOS
+            elif s.stop_strings and (stop := _stop_hit(decode, s.stop_strings, tokens[row])) is not None:
+                reason = STOP
+            elif t == s.max_new_tokens - 1:
+                reason = LENGTH
+            if reason is not None:
+                done[row] = Candidate(tuple(tokens[row]), sums[row], sums[row] / len(tokens[row]), reason, stop)
+                cont[i] = False
+        if not cont.any():
+            break
+        live = live[cont]
+        logits = batch.advance(cache_row[cont], tok[cont], width=b * n)
+        cache_row = np.arange(len(live))
+    out = []
+    for p in range(b):
+        cands = done[p * n:(p + 1) * n]
+        out.append(sorted(cands, key=lambda c: -c.score))  # stable: equal scores keep sample order
+    return out
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+class _NBest:
+    """One prompt's finished hypotheses: HF's `BeamHypotheses` (keep the num_beams best)."""
+
+    def __init__(self, s: DecodingSettings):
+        self.k, self.lp, self.early, self.max_len = s.num_beams, s.length_penalty, s.early_stopping, s.max_new_tokens
+        self.items: list[Candidate] = []
+        self.worst = 1e9
+
+    def add(self, c: Candidate) -> None:
+        if len(self.items) < self.k or c.score > self.worst:
+            self.items.append(c)
+            if len(self.items) > self.k:
+                ranked = sorted(range(len(self.items)), key=lambda i: (self.items[i].score, i))
+                self.worst = self.items[ranked[1]].score
+                del self.items[ranked[0]]
+            else:
+                self.worst = min(c.score, self.worst)
+
+    def is_done(self, best_sum: float, generated: int) -> bool:
+        if len(self.items) < self.k:
+            return False
+        if self.early is True:
+            return True
+        length = self.max_len if (self.early == "never" and self.lp > 0) else generated
+        return self.worst >= best_sum / length ** self.lp
+
+    def ranked(self, n: int) -> list[Candidate]:
+        return sorted(self.items, key=lambda c: -c.score)[:n]
+
+
+def _decode_beams(batch: _Batch, first: np.ndarray, s: DecodingSettings,
+                  decode: Optional[Callable]) -> list[list[Candidate]]:
+    b, v = first.shape
+    k = s.num_beams
+    eos = set(s.eos_token_ids)
+    n_cand = max(2, 1 + len(eos)) * k  # continuations ranked per prompt, as HF
+    hyps = [_NBest(s) for _ in range(b)]
+    # The live beams, grouped by prompt in prompt order.
+    beam_prompt = np.arange(b)
+    beam_tokens: list[list[int]] = [[] for _ in range(b)]
+    beam_sums = np.zeros(b)
+    cache_row = np.arange(b)
+    logits = first
+    for t in range(s.max_new_tokens):
+        generated, last = t + 1, t == s.max_new_tokens - 1
+        # A prompt's best n_cand continuations are among each of its beams' best n_cand tokens,
+        # so only those are scored: no [beams, V] log-softmax, no sort over the vocabulary.
+        x = _float(logits)
+        top = top_tokens(x, n_cand)
+        rows = np.repeat(np.arange(len(x)), top.shape[1])
+        scores = beam_sums[rows] + _token_logprobs(x, *log_normalizers(x), rows, top.ravel())
+        scores = scores.reshape(top.shape)
+        parents: list[int] = []
+        new_tok: list[int] = []
+        new_sum: list[float] = []
+        new_prompt: list[int] = []
+        new_tokens: list[list[int]] = []
+        bounds = np.flatnonzero(np.diff(beam_prompt)) + 1
+        for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(beam_prompt)]])):
+            p = int(beam_prompt[lo])
+            cand = scores[lo:hi].ravel()
+            flat = ((np.arange(hi - lo) * v)[:, None] + top[lo:hi]).ravel()  # beam-major, as HF flattens
+            order = np.lexsort((flat, -cand))[:n_cand]  # best first, ties by index
+            start = len(parents)
+            for rank, j in enumerate(order):
+                beam, tk, sc = lo + int(flat[j]) // v, int(flat[j]) % v, float(cand[j])
+                seq = beam_tokens[beam] + [tk]
+                reason, stop = (EOS, None) if tk in eos else (None, None)
+                if reason is None and s.stop_strings:
+                    stop = _stop_hit(decode, s.stop_strings, seq)
+                    reason = STOP if stop is not None else None
+                if reason is not None:
+                    if rank < k:  # HF: an ending outside the top num_beams is not kept
+                        hyps[p].add(Candidate(tuple(seq), sc, sc / generated ** s.length_penalty, reason, stop))
+                    continue
+                parents.append(int(cache_row[beam]))
+                new_tok.append(tk)
+                new_sum.append(sc)
+                new_prompt.append(p)
+                new_tokens.append(seq)
+                if len(parents) - start == k:
+                    break
+            if len(parents) == start or hyps[p].is_done(float(cand[order[0]]), generated):
+                del parents[start:], new_tok[start:], new_sum[start:], new_prompt[start:], new_tokens[start:]
+            elif last:
+                for seq, sc in zip(new_tokens[start:], new_sum[start:]):
+                    hyps[p].add(Candidate(tuple(seq), sc, sc / generated ** s.length_penalty, LENGTH))
+        if last or not parents:
+            break
+        logits = batch.advance(np.array(parents), np.array(new_tok), width=b * k)
+        beam_prompt, beam_tokens, beam_sums = np.array(new_prompt), new_tokens, np.array(new_sum)
+        cache_row = np.arange(len(parents))
+    return [h.ranked(s.num_return_sequences) for h in hyps]
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def decode_batch(model: StepModel, prompts: PaddedPrompts, s: DecodingSettings,
+                 row_keys: Optional[Sequence[RowKey]] = None, decode: Optional[Callable[[Sequence[int]], str]] = None,
+                 stats: Optional[DecodeStats] = None) -> list[list[Candidate]]:
+    """One pre-padded batch: prefill, then decode; per row, its ranked candidates (at most
+    num_return_sequences). `row_keys` name the rows for sampling (default: 0..B-1, which makes a
+    sample depend on the row's place in this batch; `generate` passes input indices)."""
+    if s.stop_strings and decode is None:
+        raise ConfigError("stop strings need a decode callback (token ids -> text)")
+    stats = stats if stats is not None else DecodeStats()
+    b = len(prompts.input_ids)
+    keys = list(range(b)) if row_keys is None else list(row_keys)
+    assert len(keys) == b, f"{len(keys)} row keys for {b} rows"
+    batch = _Batch(model, prompts, s, stats)
+    first = batch.prefill(prompts)
+    stats.prompts += b
+    stats.batches += 1
+    stats.prompt_tokens += int(prompts.attention_mask.sum())
+    stats.padded_prompt_tokens += int(prompts.attention_mask.size)
+    if s.resolved_strategy == "beam":
+        out = _decode_beams(batch, first, s, decode)
+    else:
+        out = _decode_rows(batch, first, s, keys, decode)
+    stats.generated_tokens += sum(c.num_tokens for cands in out for c in cands)
+    return out
+
+
+def generate(model: StepModel, prompts: Sequence[Sequence[int]], s: DecodingSettings, budget: GenerationBudget,
+             row_keys: Optional[Sequence[RowKey]] = None, decode: Optional[Callable[[Sequence[int]], str]] = None,
+             on_batch: Optional[Callable[[int], None]] = None) -> tuple[list[list[Candidate]], DecodeStats]:
+    """Prompts (token ids) -> ranked candidates per prompt, in input order, and what it took.
+
+    Plans pre-padded batches on `budget` (refusing a prompt that cannot fit before any model
+    call), decodes each, restores input order. Sample rows are keyed by `row_keys` (default: the
+    prompt's index here; pass stable ids, such as the input's line, to keep samples across runs
+    that split the input differently)."""
+    batches = plan_generation_batches([len(p) for p in prompts], s.max_new_tokens, s.rows_per_prompt, budget)
+    keys = list(range(len(prompts))) if row_keys is None else list(row_keys)
+    assert len(keys) == len(prompts), f"{len(keys)} row keys for {len(prompts)} prompts"
+    stats, results = DecodeStats(), []
+    for batch in batches:
+        padded = left_pad(prompts, batch.rows, batch.prompt_len, s.pad_token_id)
+        results.append(decode_batch(model, padded, s, [keys[int(i)] for i in batch.rows], decode, stats))
+        if on_batch is not None:
+            on_batch(len(batch.rows))
+    return restore_order(batches, results, len(prompts)), stats
