@@ -1,0 +1,276 @@
+"""Prefill and decode steps of an exported decoder (convert/decoder_export.py) on Paddle Inference.
+
+`DecoderPredictor` loads `prefill.pdmodel` and `decode.pdmodel` (both reading `decoder.pdiparams`)
+as two CPU predictors, creates their input and output handles once, and keeps the key/value
+cache on the host in memory allocated once, at construction. One caller at a time.
+
+How the cache reaches the decode program. Figures: SmolLM2-135M fp32, batch 8, 2 threads, an
+Intel Xeon with AVX-512/AMX, ms per step; "bench" = `scripts/bench_decode_step.py` (the context
+grows by one per step, as in decoding; the last run, with the range of three runs where it
+moved), "fixed T" = the same step repeated at one context.
+
+- `feed="copy"` (kept for comparison): per layer and step, the live part cache[:, :, :T] of a
+  [B, KV, max_len, D] array, which is not contiguous, is gathered into one reused contiguous
+  staging array and `copy_from_cpu`'d: two copies of the whole live cache per step, and Paddle
+  reallocates each input as it grows. Bench: 113 / 133 / 168 ms at contexts 32 / 128 / 512
+  (168-251 at 512: more when every step also grows Paddle's input tensors; fixed T: the copies
+  alone 44 ms at 512; `copy_from_cpu` of the strided view gathers too).
+- Reusing the input handles does not avoid it: a handle keeps its memory between runs, but
+  not a layout that grows by a column per (b, kv) row.
+- `share_external_data`: Paddle 2.6's `Tensor.share_external_data` takes a `paddle.Tensor`;
+  `paddle.base.core.eager.Tensor(array, CPUPlace(), False, True)` (the last argument is
+  `zero_copy`) wraps a C-contiguous numpy array without copying, and the input handle then
+  reads that memory directly (`paddle.utils.dlpack.from_dlpack` copies: checked). Sharing a
+  fresh contiguous copy of the live part per step halves the copying (fixed T: 22 ms at 512).
+- `feed="shared"` (the default): no copy per step. Each layer's key and value live in one flat
+  buffer of max_batch * KV * max_len * D floats (allocated once), viewed as a contiguous
+  [B, KV, C, D] array whose capacity C is the context rounded up to a multiple of `block` (32).
+  That array itself is shared with the decode program's past_key_i / past_value_i handles, once
+  per change of C; a step feeds only ids, positions and a [B, C + 1] mask whose columns
+  T..C-1 are 0, and writes the new [B, KV, 1, D] column into the array at column T. The unused
+  columns are never attended (exp(-1e9) is exactly 0 in float32; the buffers start zeroed and
+  only ever hold finite cache values). When the context reaches C the buffers are re-laid out in
+  place to the next multiple: one copy of the live part every `block` steps. A step then reads
+  the cache once, in the attention matmuls. Bench: 105 / 109 / 118 ms at contexts 32 / 128 / 512
+  (105-110 / 103-111 / 118-122; fed columns 64 / 160 / 544), 109-118 ms mean over 64
+  consecutive steps from 128 with the re-layouts. Tying a handle to our memory is safe because
+  the decode program only reads its past inputs (they feed matmuls directly; the tests check
+  that a run leaves the cache unchanged).
+- Time-major [max_len, B, KV, D] buffers make the live part a contiguous prefix (zero-copy
+  without the rounding), but the program must then transpose it: a plain transpose is a copy
+  inside the program (fixed T: 154 ms at 512 against 105), and with reshape2 + transpose2 folded
+  into oneDNN's matmul (reshape_transpose_matmul fuse) the strided matmuls grew 20 ms from
+  context 32 to 512 against 8 ms for contiguous ones. Not used.
+
+oneDNN is on by default: same logits (tests: < 1e-4 against the dynamic graph) and 5-10% faster
+than the plain CPU kernels here (bench without it: 114 / 115 / 124 ms, 113-118 / 115-121 /
+124-136).
+
+MKL_DEBUG_CPU_TYPE=5, which `engine/predictor.py` sets for AMD CPUs' sake, is set here only on
+AMD CPUs: on this Intel Xeon it forces MKL onto its AVX2 kernels and made the step about 20%
+slower (fixed T, context 32: 107 -> 130 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib  # noqa: F401 - before paddle: paddle 2.6 breaks Python's zlib if it is imported first
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+def _amd_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
+# MKL picks slow generic kernels on AMD CPUs unless told to use its AVX2 ones (predictor.py);
+# on Intel CPUs with AVX-512 the same setting only slows it down (module docstring).
+if _amd_cpu():
+    os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+import signal  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+_SIGTERM = signal.getsignal(signal.SIGTERM)
+from paddle import inference as paddle_infer  # noqa: E402
+from paddle.base import core  # noqa: E402
+
+if _SIGTERM is not None and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _SIGTERM)  # paddle's first import replaces it with glog's abort handler
+
+from pipeline.convert.decoder_export import (  # noqa: E402
+    ATTENTION_MASK,
+    DECODE_PROGRAM,
+    INPUT_IDS,
+    LOGITS,
+    PARAMS_FILE,
+    POSITION_IDS,
+    PREFILL_PROGRAM,
+    decode_io,
+    prefill_io,
+    program_io_shapes,
+)
+
+FEEDS = ("shared", "copy")
+
+
+class DecoderCacheFull(RuntimeError):
+    """A step would need more than the max_len columns the cache was allocated with."""
+
+
+def _config(program: Path, params: Path, threads: int, onednn: bool, ir_optim: bool,
+            onednn_cache_capacity: int) -> paddle_infer.Config:
+    config = paddle_infer.Config(str(program), str(params))
+    config.switch_ir_optim(ir_optim)
+    config.disable_gpu()
+    config.set_cpu_math_library_num_threads(threads)
+    config.enable_memory_optim()
+    if onednn:
+        config.enable_mkldnn()
+        config.set_mkldnn_cache_capacity(onednn_cache_capacity)
+    config.switch_use_feed_fetch_ops(False)
+    config.switch_specify_input_names(True)
+    config.disable_glog_info()
+    return config
+
+
+class DecoderPredictor:
+    """Prefill a left-padded batch, then decode one token per row per `step`.
+
+    - `prefill(input_ids, position_ids, attention_mask)`: [B, S] each (B <= max_batch,
+      S <= max_len); returns the last column's logits [B, V] and fills the cache with the S
+      prompt columns (`length` = S).
+    - `step(input_ids, position_ids, attention_mask)`: [B, 1], [B, 1], [B, length + 1] (the mask
+      over the cached columns and the new one); returns logits [B, V] and writes the new
+      key/value column into the cache at column `length` (then `length` += 1).
+    - `truncate(length)`: forget the columns from `length` on (to decode again from there).
+    - `cache`: per layer (key, value) views [B, KV, length, D] of the live cache (no copy).
+    """
+
+    def __init__(self, model_dir: Path | str, max_batch: int, max_len: int, *, threads: int = 1,
+                 onednn: bool = True, ir_optim: bool = True, feed: str = "shared", block: int = 32,
+                 onednn_cache_capacity: int = 64):
+        assert max_batch >= 1 and max_len >= 1 and block >= 1, (max_batch, max_len, block)
+        assert feed in FEEDS, f"feed must be one of {FEEDS}, got {feed!r}"
+        d = Path(model_dir)
+        params = d / PARAMS_FILE
+        args = (threads, onednn, ir_optim, onednn_cache_capacity)
+        self._prefill = paddle_infer.create_predictor(_config(d / PREFILL_PROGRAM, params, *args))
+        self._decode = paddle_infer.create_predictor(_config(d / DECODE_PROGRAM, params, *args))
+
+        names = list(self._decode.get_input_names())
+        self.num_layers = (len(names) - 3) // 2
+        for what, pred, (want_in, want_out) in (("prefill", self._prefill, prefill_io(self.num_layers)),
+                                                ("decode", self._decode, decode_io(self.num_layers))):
+            got_in, got_out = list(pred.get_input_names()), list(pred.get_output_names())
+            assert (got_in, got_out) == (want_in, want_out), (
+                f"{d}: the {what} program takes {got_in} -> {got_out}, expected {want_in} -> {want_out}")
+        _, self.kv_heads, _, self.head_dim = program_io_shapes(d / DECODE_PROGRAM)[want_in[3]]
+
+        self._pre_in = [self._prefill.get_input_handle(n) for n in prefill_io(self.num_layers)[0]]
+        self._pre_out = [self._prefill.get_output_handle(n) for n in prefill_io(self.num_layers)[1]]
+        self._dec_in = [self._decode.get_input_handle(n) for n in decode_io(self.num_layers)[0]]
+        self._dec_out = [self._decode.get_output_handle(n) for n in decode_io(self.num_layers)[1]]
+
+        self.max_batch, self.max_len, self.block, self.feed = max_batch, max_len, block, feed
+        size = max_batch * self.kv_heads * max_len * self.head_dim
+        # One flat buffer per layer and kind (key, value), viewed as [B, KV, capacity, D].
+        self._flat = [np.zeros(size, np.float32) for _ in range(2 * self.num_layers)]
+        self._views: list[np.ndarray] = []
+        self._shared: list = []  # the zero-copy paddle tensors the decode handles read
+        self._staging: np.ndarray | None = None  # feed="copy" only: one contiguous layer, reused
+        self.batch = self.length = self.capacity = 0
+
+    # ------------------------------------------------------------------ cache layout
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(f.nbytes for f in self._flat)
+
+    @property
+    def cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        v = [x[:, :, :self.length] for x in self._views]
+        return list(zip(v[0::2], v[1::2]))
+
+    def _view(self, flat: np.ndarray, capacity: int) -> np.ndarray:
+        n = self.batch * self.kv_heads * capacity * self.head_dim
+        return flat[:n].reshape(self.batch, self.kv_heads, capacity, self.head_dim)
+
+    def _capacity_for(self, columns: int) -> int:
+        """Columns the buffers are laid out for when `columns` must fit: a multiple of block."""
+        return min(-(-columns // self.block) * self.block, self.max_len)
+
+    def _lay_out(self, capacity: int) -> None:
+        """View the buffers as [B, KV, capacity, D], moving the live columns to the new layout
+        (in place, growing or shrinking; numpy copies through a temporary where source and
+        destination overlap)."""
+        if self.length:
+            rows = self.batch * self.kv_heads
+            for flat in self._flat:
+                old = flat[:rows * self.capacity * self.head_dim].reshape(rows, self.capacity, self.head_dim)
+                new = flat[:rows * capacity * self.head_dim].reshape(rows, capacity, self.head_dim)
+                new[:, :self.length] = old[:, :self.length]
+        self.capacity = capacity
+        self._views = [self._view(f, capacity) for f in self._flat]
+        if self.feed == "shared":
+            assert all(v.flags.c_contiguous for v in self._views)  # zero_copy needs it
+            # Tensor(value, place, persistable, zero_copy): wraps the array's memory, no copy.
+            self._shared = [core.eager.Tensor(v, core.CPUPlace(), False, True) for v in self._views]
+            for handle, t in zip(self._dec_in[3:], self._shared):
+                handle.share_external_data(t)
+
+    def truncate(self, length: int) -> None:
+        assert 0 < length <= self.length, f"truncate to {length}: the cache holds {self.length} columns"
+        self.length = length
+        if self._capacity_for(length + 1) != self.capacity:
+            self._lay_out(self._capacity_for(length + 1))
+
+    # ------------------------------------------------------------------ running
+
+    @staticmethod
+    def _feed(handle, arr: np.ndarray, dtype) -> None:
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+        handle.reshape(list(arr.shape))
+        handle.copy_from_cpu(arr)
+
+    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        B, S = input_ids.shape
+        assert position_ids.shape == attention_mask.shape == (B, S), (
+            f"prefill inputs must share one [B, S] shape: {input_ids.shape}, {position_ids.shape}, "
+            f"{attention_mask.shape}")
+        assert B <= self.max_batch, f"batch {B} > max_batch {self.max_batch}"
+        if S > self.max_len:
+            raise DecoderCacheFull(f"a prompt of {S} columns does not fit a cache of max_len {self.max_len}")
+        for handle, arr, dtype in zip(self._pre_in, (input_ids, position_ids, attention_mask),
+                                      (np.int64, np.int64, np.float32)):
+            self._feed(handle, arr, dtype)
+        self._prefill.run()
+        self.batch, self.length = B, 0
+        self._lay_out(self._capacity_for(S + 1))
+        for view, handle in zip(self._views, self._pre_out[1:]):
+            view[:, :, :S] = handle.copy_to_cpu()
+        self.length = S
+        return self._pre_out[0].copy_to_cpu()
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        B, T = self.batch, self.length
+        assert B, "step before prefill"
+        assert input_ids.shape == position_ids.shape == (B, 1), (
+            f"step takes one token per row: input_ids {input_ids.shape}, position_ids {position_ids.shape}, "
+            f"batch {B}")
+        assert attention_mask.shape == (B, T + 1), (
+            f"attention_mask {attention_mask.shape}: the step needs [B, cached + 1] = {(B, T + 1)}")
+        if T + 1 > self.max_len:
+            raise DecoderCacheFull(f"the cache holds max_len {self.max_len} columns, all used")
+        if T + 1 > self.capacity:
+            self._lay_out(self._capacity_for(T + 1))
+        ids, pos, mask_in, past = self._dec_in[0], self._dec_in[1], self._dec_in[2], self._dec_in[3:]
+        self._feed(ids, input_ids, np.int64)
+        self._feed(pos, position_ids, np.int64)
+        if self.feed == "shared":
+            mask = np.zeros((B, self.capacity + 1), np.float32)  # columns T..C-1: unused, not attended
+            mask[:, :T] = attention_mask[:, :T]
+            mask[:, -1] = attention_mask[:, T]
+        else:  # for comparison: the live part copied into the program's inputs, twice per layer
+            mask = attention_mask
+            if self._staging is None:
+                self._staging = np.empty(self._flat[0].size, np.float32)
+            staging = self._staging[:B * self.kv_heads * T * self.head_dim].reshape(B, self.kv_heads, T, self.head_dim)
+            for handle, view in zip(past, self._views):
+                np.copyto(staging, view[:, :, :T])  # the strided live part made contiguous
+                handle.reshape(list(staging.shape))
+                handle.copy_from_cpu(staging)
+        self._feed(mask_in, mask, np.float32)
+        self._decode.run()
+        for view, handle in zip(self._views, self._dec_out[1:]):
+            view[:, :, T] = handle.copy_to_cpu()[:, :, 0]
+        self.length = T + 1
+        return self._dec_out[0].copy_to_cpu()
+
