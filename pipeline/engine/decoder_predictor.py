@@ -46,46 +46,22 @@ oneDNN is on by default: same logits (tests: < 1e-4 against the dynamic graph) a
 than the plain CPU kernels here (bench without it: 114 / 115 / 124 ms, 113-118 / 115-121 /
 124-136).
 
-MKL_DEBUG_CPU_TYPE=5, which `engine/predictor.py` sets for AMD CPUs' sake, is set here only on
-AMD CPUs: on this Intel Xeon it forces MKL onto its AVX2 kernels and made the step about 20%
-slower (fixed T, context 32: 107 -> 130 ms).
+MKL_DEBUG_CPU_TYPE=5 is set on AMD CPUs only (`engine/paddle_env.py`): on this Intel Xeon it forces
+MKL onto its AVX2 kernels and made the step about 20% slower (fixed T, context 32: 107 -> 130 ms).
 """
 
 from __future__ import annotations
 
-import os
-import zlib  # noqa: F401 - before paddle: paddle 2.6 breaks Python's zlib if it is imported first
+from pathlib import Path
 
-os.environ.setdefault("GLOG_minloglevel", "2")
+import numpy as np
 
+from pipeline.engine.paddle_env import import_inference
 
-def _amd_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "AuthenticAMD" in f.read(4096)
-    except OSError:
-        return False
+paddle_infer = import_inference()
+from paddle.base import core  # noqa: E402 - after paddle_env has imported paddle
 
-
-# MKL picks slow generic kernels on AMD CPUs unless told to use its AVX2 ones (predictor.py);
-# on Intel CPUs with AVX-512 the same setting only slows it down (module docstring).
-if _amd_cpu():
-    os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-
-import signal  # noqa: E402
-import threading  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-_SIGTERM = signal.getsignal(signal.SIGTERM)
-from paddle import inference as paddle_infer  # noqa: E402
-from paddle.base import core  # noqa: E402
-
-if _SIGTERM is not None and threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _SIGTERM)  # paddle's first import replaces it with glog's abort handler
-
-from pipeline.convert.decoder_export import (  # noqa: E402
+from pipeline.engine.decoder_io import (  # noqa: E402
     ATTENTION_MASK,
     DECODE_PROGRAM,
     INPUT_IDS,

@@ -1,38 +1,23 @@
-"""Paddle Inference predictor behind the small `Backend` interface the runner uses.
+"""Paddle Inference predictor behind the small `Backend` interface the engine uses.
 
-The environment that makes Paddle fast on this project's CPUs is set here, before paddle is
-first imported, so users never have to know about it:
-- `MKL_DEBUG_CPU_TYPE=5`: MKL otherwise picks slow generic kernels on AMD CPUs (measured
-  1.3x on the oneDNN predictor, 2x on plain MKL paths; see README "Performance notes").
-- `import zlib` first: paddle 2.6 breaks Python's zlib if it is imported before it.
-- SIGTERM: paddle's first import installs glog's failure handler for it, which prints a stack
-  dump and aborts the process, replacing whatever Python had there (the CLI's cancel on
-  SIGTERM, or the default). The handler Python had is put back right after the import.
+paddle is imported through `engine/paddle_env.py`, which sets what Paddle needs on this
+project's CPUs first (users never have to know): `MKL_DEBUG_CPU_TYPE=5` on AMD CPUs only, zlib
+before paddle, and the SIGTERM handler kept across paddle's import.
 """
 
 from __future__ import annotations
 
-import os
-import zlib  # noqa: F401 - see the module docstring
+import queue
+from dataclasses import dataclass
 
-os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-os.environ.setdefault("GLOG_minloglevel", "2")  # keep the C++ pass log off the console
+import numpy as np
 
-import queue  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from pipeline.engine.paddle_env import import_inference
 
-import numpy as np  # noqa: E402
+from pipeline.engine.batching import position_ids
+from pipeline.engine.modeldir import POSITION_IDS, ModelInfo
 
-_SIGTERM = signal.getsignal(signal.SIGTERM)
-from paddle import inference as paddle_infer  # noqa: E402
-
-if _SIGTERM is not None and threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _SIGTERM)
-
-from pipeline.engine.batching import position_ids  # noqa: E402
-from pipeline.engine.modeldir import POSITION_IDS, ModelInfo  # noqa: E402
+paddle_infer = import_inference()
 
 
 class GpuUnavailable(RuntimeError):
