@@ -58,10 +58,8 @@ does not depend on the rows beside it (given a model whose logits do not either)
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -72,10 +70,21 @@ from pipeline.engine.generation_batching import (
     plan_generation_batches,
     restore_order,
 )
+from pipeline.engine.logits import (  # noqa: F401 - filter_logits, log_softmax: re-exported for callers
+    RowKey,
+    as_float,
+    filter_logits,
+    log_normalizers,
+    log_softmax,
+    row_generator,
+    sample_tokens,
+    sampling_keep,
+    token_logprobs,
+    top_tokens,
+)
 from pipeline.errors import ConfigError
 
-EOS, LENGTH, STOP = "eos", "length", "stop"
-RowKey = Union[int, str]
+from pipeline.engine.decoding_settings import EOS, LENGTH, STOP, Candidate, DecodeStats, DecodingSettings  # noqa: F401
 
 
 class StepModel(Protocol):
@@ -86,223 +95,6 @@ class StepModel(Protocol):
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
     def select(self, rows: np.ndarray) -> None: ...
-
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    max_new_tokens: int = 64
-    strategy: str = "auto"  # auto: beam if num_beams > 1, else sample if do_sample, else greedy
-    num_beams: int = 1
-    num_return_sequences: int = 1
-    length_penalty: float = 1.0
-    early_stopping: Union[bool, str] = False  # True, False (HF's heuristic) or "never"
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off (HF's default of 50 is not assumed)
-    top_p: float = 1.0  # 1.0: off
-    seed: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    stop_strings: tuple[str, ...] = ()
-    drop_finished: bool = True
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        need(self.strategy in ("auto", "greedy", "beam", "sample"), f"unknown decoding strategy {self.strategy!r}")
-        need(self.num_beams >= 1, f"--num-beams must be >= 1, got {self.num_beams}")
-        need(self.num_return_sequences >= 1, f"--num-return-sequences must be >= 1, got {self.num_return_sequences}")
-        need(self.early_stopping in (True, False, "never"),
-             f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        need(self.temperature > 0, f"--temperature must be > 0 (use greedy decoding for 0), got {self.temperature}")
-        need(self.top_k >= 0, f"--top-k must be >= 0 (0: off), got {self.top_k}")
-        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings")
-        s = self.resolved_strategy
-        need(not (self.do_sample and self.num_beams > 1), "beam sampling is not supported: "
-             "use --num-beams 1 with sampling, or beam search without it")
-        need(s != "greedy" or self.num_return_sequences == 1,
-             "greedy decoding returns one sequence: use --num-beams or sampling for --num-return-sequences > 1")
-        need(s != "beam" or self.num_return_sequences <= self.num_beams,
-             f"--num-return-sequences {self.num_return_sequences} exceeds --num-beams {self.num_beams}")
-
-    @property
-    def resolved_strategy(self) -> str:
-        if self.strategy != "auto":
-            return self.strategy
-        return "beam" if self.num_beams > 1 else "sample" if self.do_sample else "greedy"
-
-    @property
-    def rows_per_prompt(self) -> int:
-        """Model rows one prompt decodes as (what the memory budget multiplies by)."""
-        s = self.resolved_strategy
-        return self.num_beams if s == "beam" else self.num_return_sequences if s == "sample" else 1
-
-
-@dataclass(frozen=True)
-class Candidate:
-    token_ids: tuple[int, ...]  # generated tokens, the EOS that ended them included
-    sum_logprob: float
-    score: float  # what candidates are ranked by: beam score, or mean log-probability
-    finish_reason: str  # 'eos' | 'length' | 'stop'
-    stop_string: Optional[str] = None  # the stop string found (earliest in the text) if 'stop'
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def mean_logprob(self) -> float:
-        return self.sum_logprob / len(self.token_ids)
-
-
-@dataclass
-class DecodeStats:
-    prompts: int = 0
-    batches: int = 0
-    prompt_tokens: int = 0  # real prompt tokens
-    padded_prompt_tokens: int = 0  # prefill columns x rows
-    generated_tokens: int = 0  # tokens of the returned candidates
-    step_calls: int = 0
-    row_steps: int = 0  # rows fed to step calls, summed: the decode compute
-    selects: int = 0
-
-
-# ----------------------------------------------------------------------------- pieces
-
-
-def _float(logits) -> np.ndarray:
-    x = np.asarray(logits)
-    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
-
-
-def log_normalizers(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the max m and log Z = log sum exp(x - m) (float64), so that a token's
-    log-probability is (x - m) - log Z. One exp pass over [R, V] in the logits' own precision,
-    summed in float64; row by row, so a row's values do not depend on its batch."""
-    x = _float(logits)
-    m = x.max(axis=-1, keepdims=True)
-    z = np.exp(x - m).sum(axis=-1, dtype=np.float64)
-    return m[..., 0].astype(np.float64), np.log(z)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax, float64 [R, V]: the values the decoders use, for every token."""
-    x = _float(logits)
-    m, log_z = log_normalizers(x)
-    return x.astype(np.float64) - m[..., None] - log_z[..., None]
-
-
-def _token_logprobs(x: np.ndarray, m: np.ndarray, log_z: np.ndarray, rows: np.ndarray, toks: np.ndarray) -> np.ndarray:
-    return x[rows, toks].astype(np.float64) - m[rows] - log_z[rows]
-
-
-def _kth_largest(x: np.ndarray, n: int) -> np.ndarray:
-    """Each row's n-th largest value [R] (1 <= n <= V)."""
-    if n <= 32:
-        return x[np.arange(len(x)), top_tokens(x, n)[:, -1]]
-    return np.partition(x, x.shape[-1] - n, axis=-1)[:, x.shape[-1] - n]
-
-
-def top_tokens(x: np.ndarray, n: int) -> np.ndarray:
-    """The n largest entries of each row [R, n], largest first, ties by the lower id.
-
-    n argmax passes over a working copy when n is small (much faster than a partition of a
-    large vocabulary), a partition otherwise."""
-    r, v = x.shape
-    if n >= v:
-        return np.lexsort((np.tile(np.arange(v), (r, 1)), -x), axis=-1)
-    if n > 32:
-        kth = _kth_largest(x, n)[:, None]
-        chosen = x >= kth
-        if (chosen.sum(axis=-1) != n).any():  # ties with the n-th value: the lowest ids first
-            tie = x == kth
-            room = n - (x > kth).sum(axis=-1, keepdims=True)
-            chosen = (x > kth) | (tie & (np.cumsum(tie, axis=-1) <= room))
-        idx = np.nonzero(chosen)[1].reshape(r, n)
-        order = np.lexsort((idx, -np.take_along_axis(x, idx, axis=-1)), axis=-1)
-        return np.take_along_axis(idx, order, axis=-1)
-    work = np.array(x, copy=True)
-    rows = np.arange(r)
-    out = np.empty((r, n), dtype=np.int64)
-    for j in range(n):
-        out[:, j] = work.argmax(axis=-1)
-        work[rows, out[:, j]] = -np.inf
-    return out
-
-
-def sampling_keep(y: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> Optional[np.ndarray]:
-    """HF's top-k then top-p on temperature-scaled logits y [R, V]: a bool mask of the tokens
-    kept, or None when nothing is filtered.
-
-    top-k keeps the tokens whose logit is at least the k-th largest (ties with it are kept, as
-    HF keeps them); top-p, on the distribution top-k left, keeps the most probable tokens up to
-    and including the first at which their cumulative probability reaches top_p (at least one;
-    the same set as HF's ascending-sort rule, ties ordered by token id). No full sort of the
-    vocabulary: the nucleus is searched among the 256 most probable tokens, then 4x as many,
-    until their mass reaches top_p."""
-    r, v = y.shape
-    keep = None
-    if 0 < top_k < v:
-        kth = _kth_largest(y, top_k)
-        keep = y >= kth[:, None]
-    if top_p >= 1.0:
-        return keep
-    e = None if keep is not None else np.exp(y - y.max(axis=-1, keepdims=True))
-    nucleus = np.zeros((r, v), dtype=bool)
-    for i in range(r):
-        if keep is not None:
-            cand = np.flatnonzero(keep[i])
-            w = np.exp((y[i, cand] - y[i, cand].max()).astype(np.float64))
-            total, m = w.sum(), len(cand)
-        else:
-            total, m = e[i].sum(dtype=np.float64), min(v, 256)
-        while True:
-            if keep is None:
-                cand = np.argpartition(-y[i], m - 1)[:m] if m < v else np.arange(v)
-                w = e[i, cand].astype(np.float64)
-            order = np.lexsort((cand, -y[i, cand]))  # most probable first, ties by id
-            p = w[order] / total
-            before = np.concatenate([[0.0], np.cumsum(p)[:-1]])  # mass of the more probable tokens
-            inside = before < top_p
-            if keep is not None or m == v or before[-1] + p[-1] >= top_p:
-                break
-            m = min(v, 4 * m)
-        inside[0] = True
-        nucleus[i, cand[order[inside]]] = True
-    return nucleus if keep is None else nucleus & keep
-
-
-def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """logits / temperature with the tokens top-k and top-p remove at -inf (float64 [R, V])."""
-    y = _float(logits) / temperature
-    keep = sampling_keep(y, top_k, top_p)
-    y = y.astype(np.float64)
-    return y if keep is None else np.where(keep, y, -np.inf)
-
-
-def sample_tokens(y: np.ndarray, keep: Optional[np.ndarray], uniforms: np.ndarray) -> np.ndarray:
-    """One draw per row from softmax(y) over its kept tokens (all if keep is None), by inverse
-    CDF in token-id order with that row's uniform in [0, 1)."""
-    out = np.empty(len(y), dtype=np.int64)
-    for i in range(len(y)):
-        cand = np.arange(y.shape[1]) if keep is None else np.flatnonzero(keep[i])
-        c = np.cumsum(np.exp((y[i, cand] - y[i, cand].max()).astype(np.float64)))
-        out[i] = cand[min(int(np.searchsorted(c, uniforms[i] * c[-1], side="right")), len(cand) - 1)]
-    return out
-
-
-def row_generator(seed: int, row_key: RowKey, sample: int = 0) -> np.random.Generator:
-    """The random stream of one sample row: a function of (seed, row key, sample index) only."""
-    if isinstance(row_key, (int, np.integer)):
-        row_key = int(row_key)
-    elif not isinstance(row_key, str):
-        raise TypeError(f"row keys must be int or str, got {type(row_key).__name__}")
-    digest = hashlib.blake2b(repr((int(seed), row_key, int(sample))).encode("utf-8"), digest_size=16).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 def _stop_hit(decode: Callable[[Sequence[int]], str], stops: tuple[str, ...], tokens: Sequence[int]) -> Optional[str]:
@@ -374,14 +166,14 @@ def _decode_rows(batch: _Batch, first: np.ndarray, s: DecodingSettings, keys: Se
     cache_row = prompt_of.copy()  # each live row's row in the model's cache
     logits = first[cache_row]
     for t in range(s.max_new_tokens):
-        x = _float(logits)
+        x = as_float(logits)
         if sampling:
             u = np.array([rngs[i].random() for i in live])
             y = x / s.temperature
             tok = sample_tokens(y, sampling_keep(y, s.top_k, s.top_p), u)
         else:
             tok = x.argmax(axis=-1)
-        tok_lp = _token_logprobs(x, *log_normalizers(x), np.arange(len(live)), tok)
+        tok_lp = token_logprobs(x, *log_normalizers(x), np.arange(len(live)), tok)
         cont = np.ones(len(live), dtype=bool)
         for i, row in enumerate(live):
             tk = int(tok[i])
@@ -459,10 +251,10 @@ def _decode_beams(batch: _Batch, first: np.ndarray, s: DecodingSettings,
         generated, last = t + 1, t == s.max_new_tokens - 1
         # A prompt's best n_cand continuations are among each of its beams' best n_cand tokens,
         # so only those are scored: no [beams, V] log-softmax, no sort over the vocabulary.
-        x = _float(logits)
+        x = as_float(logits)
         top = top_tokens(x, n_cand)
         rows = np.repeat(np.arange(len(x)), top.shape[1])
-        scores = beam_sums[rows] + _token_logprobs(x, *log_normalizers(x), rows, top.ravel())
+        scores = beam_sums[rows] + token_logprobs(x, *log_normalizers(x), rows, top.ravel())
         scores = scores.reshape(top.shape)
         parents: list[int] = []
         new_tok: list[int] = []
