@@ -52,24 +52,18 @@ VARIANTS = (("shared", True), ("copy", True), ("shared", False))
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return {"model": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in wanted}}
+    from pipeline.engine.paddle_env import cpu_info as read_cpu
+
+    info = read_cpu()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {"model": info["model"] or platform.machine(), "vendor": info["vendor"], "cores": os.cpu_count(),
+            "flags": {f: f in info["flags"] for f in wanted}}
 
 
 def export(model_dir: Path) -> dict:
     from pipeline.convert.decoder import DecoderForCausalLM
-    from pipeline.convert.decoder_export import DECODE_PROGRAM, write_decoder_programs
+    from pipeline.convert.decoder_export import write_decoder_programs
+    from pipeline.engine.decoder_io import DECODE_PROGRAM
     from pipeline.convert.gguf_checkpoint import default_gguf_path, read_gguf
 
     if (model_dir / DECODE_PROGRAM).is_file():

@@ -57,20 +57,16 @@ from paddle.base.proto import framework_pb2
 from paddle.static import InputSpec
 
 from pipeline.convert.decoder import mask_bias
-from pipeline.engine.decoder_io import (  # noqa: F401 - re-exported: the names belong to the runtime
+from pipeline.engine.decoder_io import (  # the runtime owns the program names; the export follows them
     ATTENTION_MASK,
     DECODE_PROGRAM,
     INPUT_IDS,
-    LOGITS,
     PARAMS_FILE,
     POSITION_IDS,
     PREFILL_PROGRAM,
     decode_io,
-    new_names,
     past_names,
     prefill_io,
-    present_names,
-    program_io_shapes,
 )
 from pipeline.engine.modeldir import sha256_file
 

@@ -62,12 +62,8 @@ paddle_infer = import_inference()
 from paddle.base import core  # noqa: E402 - after paddle_env has imported paddle
 
 from pipeline.engine.decoder_io import (  # noqa: E402
-    ATTENTION_MASK,
     DECODE_PROGRAM,
-    INPUT_IDS,
-    LOGITS,
     PARAMS_FILE,
-    POSITION_IDS,
     PREFILL_PROGRAM,
     decode_io,
     prefill_io,

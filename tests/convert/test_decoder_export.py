@@ -15,15 +15,8 @@ import paddle
 import pytest
 
 from pipeline.convert.decoder import DecoderConfig, greedy_generate, position_ids_from_mask
-from pipeline.convert.decoder_export import (
-    DECODE_PROGRAM,
-    PARAMS_FILE,
-    PREFILL_PROGRAM,
-    decode_io,
-    prefill_io,
-    program_io_shapes,
-    write_decoder_programs,
-)
+from pipeline.convert.decoder_export import write_decoder_programs
+from pipeline.engine.decoder_io import DECODE_PROGRAM, PARAMS_FILE, PREFILL_PROGRAM, decode_io, prefill_io, program_io_shapes
 from pipeline.convert.gguf_checkpoint import expected_shapes
 from pipeline.engine.decoder_predictor import DecoderCacheFull, DecoderPredictor
 from tests.convert.test_decoder import PROMPT_LENGTHS, TINY, left_padded, ours, random_weights, run

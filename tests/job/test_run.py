@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import DEFAULT_INPUT, ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig
 from pipeline.engine.modeldir import load_model_info
 from pipeline.job.run import run
 from tests.sample_data import sample_rows, write_tsv
