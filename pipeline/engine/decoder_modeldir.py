@@ -1,0 +1,144 @@
+"""The runtime directory of a generation model: what the decoder converter writes and the
+generation engine loads (no paddle).
+
+A decoder directory holds the two programs of `engine/decoder_io.py` (`prefill.pdmodel`,
+`decode.pdmodel`, both reading `decoder.pdiparams`), the tokenizer as a Hugging Face
+`tokenizer.json`, and `model.json` with `"task": "generate"`. `load_decoder_info` reads it into
+a typed `DecoderModelInfo` in this one place; `modeldir.load_model_info` hands a directory to it
+when its model.json names the task `generate`.
+
+model.json (`format_version` 1 of this layout):
+
+    {"format_version": 1, "task": "generate", "output": "tokens", "name": ...,
+     "architecture": {DecoderConfig.to_dict()},            # convert/decoder.py
+     "max_seq_len": N,                                      # prompt + generated tokens allowed
+     "special_tokens": {"bos_token_id": .., "eos_token_ids": [..], "pad_token_id": .., "unk_token_id": ..},
+     "add_bos_token": bool, "chat_template": str | null,
+     "precision": "fp32", "program_revision": 1,
+     "source": {"path": .., "layout": "gguf" | "hf", "sha256": ..,
+                "files": [{"file": name, "sha256": ..}, ...]},
+     "params_sha256": .., "tokenizer_sha256": .., "converted_by": ..,
+     "validation": {"prompt_lengths": [..], "decode_steps": N, "max_abs_logit_diff": .., "limit": ..}}
+
+`source.sha256` names the source bytes: the file's own sha256 for one file (a GGUF), else the
+sha256 of the "name sha256\n" lines of its files sorted by name (`files` lists them);
+`ensure_decoder_converted` compares it. `validation` records the converter's check of the
+exported programs against the dynamic-graph model (convert/decoder_convert.py); informative,
+not read here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.engine.decoder_io import DECODE_PROGRAM, PARAMS_FILE, PREFILL_PROGRAM
+
+GENERATE_TASK = "generate"
+TOKENIZER_FILE = "tokenizer.json"
+DECODER_FORMAT_VERSION = 1
+DECODER_PROGRAM_REVISION = 1
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    eos_token_ids: tuple[int, ...]  # any of them ends a sequence
+    pad_token_id: int  # what left-padding feeds (never attended)
+    bos_token_id: int | None = None
+    unk_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DecoderModelInfo:
+    path: Path
+    name: str
+    task: str  # 'generate'
+    output: str  # 'tokens'
+    architecture: dict = field(repr=False)  # convert.decoder.DecoderConfig.to_dict()
+    max_seq_len: int  # prompt + new tokens a sequence may hold
+    special: SpecialTokens
+    add_bos_token: bool
+    chat_template: str | None = field(repr=False)
+    precision: str
+    source_sha256: str
+    checksum: str  # sha256 of decoder.pdiparams, recorded at conversion
+    program_revision: int
+    meta: dict = field(repr=False, compare=False)
+
+    # Shapes the engine and the memory budget need, without importing the model module.
+    @property
+    def vocab_size(self) -> int:
+        return int(self.architecture["vocab_size"])
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return int(self.architecture["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.architecture["hidden_size"])
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return int(self.architecture["num_key_value_heads"])
+
+    @property
+    def head_dim(self) -> int:
+        a = self.architecture
+        return int(a.get("head_dim") or a["hidden_size"] // a["num_attention_heads"])
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return int(self.architecture["max_position_embeddings"])
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    @property
+    def prefill_program(self) -> Path:
+        return self.path / PREFILL_PROGRAM
+
+    @property
+    def decode_program(self) -> Path:
+        return self.path / DECODE_PROGRAM
+
+    @property
+    def params_file(self) -> Path:
+        return self.path / PARAMS_FILE
+
+
+def parse_decoder_meta(path: Path, meta: dict) -> DecoderModelInfo:
+    """model.json (already read) -> DecoderModelInfo; KeyError/TypeError/ValueError on a bad file."""
+    version = meta.get("format_version")
+    if version != DECODER_FORMAT_VERSION:
+        raise ValueError(f"decoder format_version {version!r}, this version reads {DECODER_FORMAT_VERSION}")
+    sp = meta["special_tokens"]
+    eos = tuple(int(i) for i in sp["eos_token_ids"])
+    if not eos:
+        raise ValueError("special_tokens.eos_token_ids is empty: generation would never stop at an end token")
+    return DecoderModelInfo(
+        path=path, name=str(meta["name"]), task=str(meta["task"]), output=str(meta.get("output", "tokens")),
+        architecture=dict(meta["architecture"]), max_seq_len=int(meta["max_seq_len"]),
+        special=SpecialTokens(
+            eos_token_ids=eos, pad_token_id=int(sp["pad_token_id"]),
+            bos_token_id=None if sp.get("bos_token_id") is None else int(sp["bos_token_id"]),
+            unk_token_id=None if sp.get("unk_token_id") is None else int(sp["unk_token_id"])),
+        add_bos_token=bool(meta.get("add_bos_token", False)), chat_template=meta.get("chat_template"),
+        precision=str(meta.get("precision", "fp32")), source_sha256=str(meta["source"]["sha256"]),
+        checksum=str(meta.get("params_sha256", "")), program_revision=int(meta.get("program_revision", 1)),
+        meta=meta,
+    )
+
+
+def required_files(info: DecoderModelInfo) -> tuple[Path, ...]:
+    return info.prefill_program, info.decode_program, info.params_file, info.tokenizer_file
+
+
+def is_decoder_meta(meta: dict) -> bool:
+    return meta.get("task") == GENERATE_TASK
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "model.json").read_text(encoding="utf-8"))
