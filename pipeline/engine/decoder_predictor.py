@@ -102,6 +102,8 @@ class DecoderPredictor:
     - `step(input_ids, position_ids, attention_mask)`: [B, 1], [B, 1], [B, length + 1] (the mask
       over the cached columns and the new one); returns logits [B, V] and writes the new
       key/value column into the cache at column `length` (then `length` += 1).
+    - `select(rows)`: the cache keeps row rows[i] as its row i (beam search, finished rows
+      dropped): the `StepModel` interface of engine/decoding.py.
     - `truncate(length)`: forget the columns from `length` on (to decode again from there).
     - `cache`: per layer (key, value) views [B, KV, length, D] of the live cache (no copy).
     """
@@ -171,12 +173,30 @@ class DecoderPredictor:
                 new[:, :self.length] = old[:, :self.length]
         self.capacity = capacity
         self._views = [self._view(f, capacity) for f in self._flat]
+        self._share_views()
+
+    def _share_views(self) -> None:
         if self.feed == "shared":
             assert all(v.flags.c_contiguous for v in self._views)  # zero_copy needs it
             # Tensor(value, place, persistable, zero_copy): wraps the array's memory, no copy.
             self._shared = [core.eager.Tensor(v, core.CPUPlace(), False, True) for v in self._views]
             for handle, t in zip(self._dec_in[3:], self._shared):
                 handle.share_external_data(t)
+
+    def select(self, rows: np.ndarray) -> None:
+        """Keep cache row `rows[i]` as row i (repeats allowed: beams of one parent; rows left out:
+        finished sequences). One gather of the live columns, done in place in the buffers."""
+        rows = np.asarray(rows, dtype=np.int64)
+        assert self.batch, "select before prefill"
+        assert rows.ndim == 1 and 1 <= len(rows) <= self.max_batch, (
+            f"select {len(rows)} rows: between 1 and max_batch {self.max_batch}")
+        assert rows.min() >= 0 and rows.max() < self.batch, f"rows {rows} outside the batch of {self.batch}"
+        gathered = [v[rows, :, :self.length] for v in self._views]  # fancy indexing: copies
+        self.batch = len(rows)
+        self._views = [self._view(f, self.capacity) for f in self._flat]
+        for view, g in zip(self._views, gathered):
+            view[:, :, :self.length] = g
+        self._share_views()
 
     def truncate(self, length: int) -> None:
         assert 0 < length <= self.length, f"truncate to {length}: the cache holds {self.length} columns"

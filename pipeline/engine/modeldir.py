@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.engine.decoder_modeldir import DecoderModelInfo, is_decoder_meta, parse_decoder_meta, required_files
+
 MODEL_JSON = "model.json"
 PROGRAM_FILE = "inference.pdmodel"
 PARAMS_FILE = "inference.pdiparams"
@@ -192,8 +194,9 @@ def _parse(path: Path, meta: dict) -> ModelInfo:
     )
 
 
-def load_model_info(path: str | Path, check_vocab: bool = True) -> ModelInfo:
-    """Read and check a runtime model directory; fail with a message naming what is wrong."""
+def load_model_info(path: str | Path, check_vocab: bool = True) -> ModelInfo | DecoderModelInfo:
+    """Read and check a runtime model directory; fail with a message naming what is wrong.
+    A generation model's directory (task `generate`) comes back as a `DecoderModelInfo`."""
     path = Path(path)
     hint = "convert a checkpoint with `python -m pipeline convert SRC DST`"
     if not path.is_dir():
@@ -203,6 +206,8 @@ def load_model_info(path: str | Path, check_vocab: bool = True) -> ModelInfo:
         raise ModelDirError(f"{meta_path} is missing: {path} is not a runtime model directory; {hint}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if is_decoder_meta(meta):  # a generation model: its own layout (engine/decoder_modeldir.py)
+            return _load_decoder(path, meta_path, meta)
         version = meta.get("format_version")
         if version not in READABLE_FORMATS:
             raise ModelDirError(
@@ -223,6 +228,14 @@ def load_model_info(path: str | Path, check_vocab: bool = True) -> ModelInfo:
                 f"{info.vocab_file} has {n} tokens but the model's embedding table has "
                 f"{info.vocab_size} rows: vocab and weights do not belong together"
             )
+    return info
+
+
+def _load_decoder(path: Path, meta_path: Path, meta: dict) -> DecoderModelInfo:
+    info = parse_decoder_meta(path, meta)
+    for f in required_files(info):
+        if not f.is_file() or f.stat().st_size == 0:
+            raise ModelDirError(f"{f} is missing or empty; re-run the conversion with --force")
     return info
 
 

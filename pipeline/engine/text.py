@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.engine.modeldir import ModelInfo, TokenizerSettings, load_id_map
 from pipeline.engine.tokenizer import Encoded, WordPieceTokenizer, fit_pretokenized
 
-REQUEST_KINDS = ("pairs", "texts", "pretokenized")
+REQUEST_KINDS = ("pairs", "texts", "pretokenized", "prompts", "messages")  # the last two: engine/prompt_text.py
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class TokenizeResult:
     seconds: float
     truncated: int = 0  # pre-tokenized sequences cut to max_seq_len
     unknown_tokens: int = 0  # pruned models: tokens outside the kept vocabulary, now [UNK]
+
+    @property
+    def sequences(self) -> int:
+        return len(self.enc)
 
 
 class TextEncoder:

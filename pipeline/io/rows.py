@@ -41,6 +41,11 @@ class ColumnMap:
     label: str = "label"
     input_ids: str = "input_ids"
     token_type_ids: str = "token_type_ids"
+    # generation input (pipeline.io.prompts)
+    id: str = "id"
+    prompt: str = "prompt"
+    messages: str = "messages"
+    reference: str = "reference"
 
 
 @dataclass
@@ -76,6 +81,25 @@ class Chunk:
 
     def __len__(self) -> int:
         return len(self.qid)
+
+
+@dataclass
+class PromptChunk:
+    """Accepted generation rows of one file, in input order (identity as for `Chunk`).
+
+    Each row has a plain `prompt` or chat `messages` (a list of {"role", "content"} turns),
+    whichever the file holds, and its references (empty where the row has none)."""
+
+    file: str
+    row: np.ndarray  # int64
+    line: np.ndarray  # int64
+    id: list[str]
+    prompt: list[str] | None  # files with a prompt column
+    messages: list[list[dict]] | None  # files with a messages column
+    reference: list[tuple[str, ...]]
+
+    def __len__(self) -> int:
+        return len(self.id)
 
 
 @dataclass

@@ -109,8 +109,10 @@ def _manifest_problem(m: object) -> str | None:
 
 
 class RunStore:
-    def __init__(self, out_dir: Path, fingerprint: dict, resume: bool, restart: bool):
+    def __init__(self, out_dir: Path, fingerprint: dict, resume: bool, restart: bool,
+                 files: Sequence[str] = FILES):
         self.out_dir = Path(out_dir)
+        self.files = tuple(files)  # the final files this run publishes (the task's)
         self.partial = self.out_dir / PARTIAL
         self.fingerprint = fingerprint
         self.rank_seconds = 0.0  # set by the final ranking (pipeline.io.exports)
@@ -257,10 +259,10 @@ class RunStore:
 
     def publish(self) -> None:
         """Move every final file into OUT (replacing the previous run's), then drop the run state."""
-        missing = [name for name in FILES if not (self.partial / name).is_file()]
+        missing = [name for name in self.files if not (self.partial / name).is_file()]
         if missing:
             raise FileNotFoundError(f"cannot publish: {', '.join(missing)} not built in {self.partial}")
-        for name in FILES:
+        for name in self.files:
             (self.partial / name).replace(self.out_dir / name)
         shutil.rmtree(self.partial)
 

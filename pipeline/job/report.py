@@ -31,6 +31,7 @@ class Tally:
     infer_seconds: float = 0.0
     write_seconds: float = 0.0
     per_file: dict[str, dict[str, int]] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)  # task-specific totals (generation: tokens, steps)
 
     def file(self, name: str) -> dict[str, int]:
         return self.per_file.setdefault(name, {"scored": 0, "rejected": 0})
@@ -60,8 +61,10 @@ class Timing:
     rank: float = 0.0
 
 
-def build_report(model: ModelInfo, settings_dict: dict, files: list[Path], rows_read: dict[str, int],
+def build_report(task: str, model, settings_dict: dict, files: list[Path], rows_read: dict[str, int],
                  tally: Tally, metrics: dict | None, timing: Timing, sessions: int) -> dict:
+    if task == "generate":
+        return _generation_report(model, settings_dict, files, rows_read, tally, metrics, timing, sessions)
     per_file = []
     for f in files:
         name = str(f)
@@ -110,7 +113,90 @@ def build_report(model: ModelInfo, settings_dict: dict, files: list[Path], rows_
     }
 
 
+def _generation_report(model, settings_dict: dict, files: list[Path], rows_read: dict[str, int], tally: Tally,
+                       metrics: dict | None, timing: Timing, sessions: int) -> dict:
+    """report.json of a generation run: rows, prompt and generated tokens, padding, stage
+    seconds, speed, settings, model, metrics."""
+    c = lambda k: tally.counters.get(k, 0)  # noqa: E731
+    per_file = []
+    for f in files:
+        t = tally.per_file.get(str(f), {"scored": 0, "rejected": 0})
+        per_file.append({"file": str(f), "rows_read": rows_read[str(f)], "rows_generated": t["scored"],
+                         "rows_rejected": t["rejected"]})
+    total_s = time.perf_counter() - timing.started
+    processing_s = total_s - timing.startup
+    generated = int(c("generated_tokens"))
+    return {
+        "pipeline_version": __version__,
+        "task": "generate",
+        "started_at": timing.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sessions": sessions,
+        "inputs": [str(f) for f in files],
+        "rows": {"read": sum(p["rows_read"] for p in per_file), "generated": tally.rows_scored,
+                 "rejected": tally.rows_rejected},
+        "files": per_file,
+        "tokens": {
+            "prompts": tally.sequences,
+            "prompt": tally.tokens,
+            "prompt_padded": tally.padded_tokens,
+            "padding_overhead": (tally.padded_tokens / tally.tokens - 1.0) if tally.tokens else 0.0,
+            "prompts_truncated": tally.truncated_pretokenized,
+            "generated": generated,
+            "generated_best": int(c("generated_tokens_best")),
+            "candidates": int(c("candidates")),
+            "batches": tally.batches,
+            "decode_steps": int(c("step_calls")),
+            "row_steps": int(c("row_steps")),
+            "cache_selects": int(c("selects")),
+        },
+        "seconds": {
+            "startup": timing.startup,
+            "read": tally.read_seconds,
+            "tokenize": tally.tokenize_seconds,
+            "tokenize_wait": tally.tokenize_wait_seconds,
+            "generate": tally.infer_seconds,
+            "prefill": c("prefill_seconds"),
+            "decode_steps": c("step_seconds"),
+            "detokenize": c("detokenize_seconds"),
+            "rerank": c("rerank_seconds"),
+            "write": tally.write_seconds,
+            "total": total_s,
+        },
+        "rows_per_second": tally.rows_scored / processing_s if processing_s > 0 else 0.0,
+        "generated_tokens_per_second": generated / processing_s if processing_s > 0 else 0.0,
+        "settings": settings_dict,
+        "model": {"name": model.name, "path": str(model.path), "mode": model.task, "precision": model.precision,
+                  "checksum": model.checksum, "source_sha256": model.source_sha256},
+        "metrics": metrics,
+    }
+
+
+def _format_generation_summary(report: dict, out_dir: Path) -> str:
+    r, t, s = report["rows"], report["tokens"], report["seconds"]
+    lines = [
+        f"model      {report['model']['name']} (generate, {report['model']['precision']})",
+        f"rows       read {r['read']}  generated {r['generated']}  rejected {r['rejected']}",
+        f"prompts    {t['prompt']} tokens, {t['prompt_padded']} padded (+{100 * t['padding_overhead']:.1f}%), "
+        f"{t['prompts_truncated']} truncated, {t['batches']} batches",
+        f"generated  {t['generated']} tokens in {t['candidates']} candidates, {t['decode_steps']} decode steps",
+        "seconds    " + "  ".join(f"{k} {v:.2f}" for k, v in s.items()),
+        f"speed      {report['generated_tokens_per_second']:.1f} generated tokens/s, "
+        f"{report['rows_per_second']:.2f} rows/s",
+    ]
+    m = report.get("metrics")
+    if m:
+        lines.append(f"metrics    BLEU {m['bleu']:.2f}  chrF {m['chrf']:.2f}  ROUGE-L {m['rouge_l']:.4f} "
+                     f"({m['rows_with_reference']} rows with references)")
+    if r["rejected"]:
+        lines.append(f"rejects    {r['rejected']} rows, reasons in {out_dir / 'rejects.tsv'}")
+    lines.append(f"outputs    {out_dir}/ (generations.jsonl, predictions.tsv, rejects.tsv, report.json, submission.zip)")
+    return "\n".join(lines)
+
+
 def format_summary(report: dict, out_dir: Path) -> str:
+    if report.get("task") == "generate":
+        return _format_generation_summary(report, out_dir)
     r, t, s = report["rows"], report["tokens"], report["seconds"]
     lines = [
         f"model      {report['model']['name']} ({report['model']['mode']}, {report['model']['precision']})",
@@ -141,10 +227,11 @@ class _NoProgress:
         pass
 
 
-def progress_bar(enabled: bool, initial: int = 0):
+def progress_bar(enabled: bool, initial: int = 0, unit: str = "rows"):
     if not enabled:
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(unit="rows", initial=initial, smoothing=0.1, dynamic_ncols=True,
-                bar_format="{desc}{n:.0f} rows [{elapsed}, {rate_fmt}]")
+    what = "generated tokens" if unit == "tokens" else unit
+    return tqdm(unit=unit, initial=initial, smoothing=0.1, dynamic_ncols=True,
+                bar_format="{desc}{n:.0f} " + what + " [{elapsed}, {rate_fmt}]")

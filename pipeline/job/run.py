@@ -10,6 +10,7 @@ calls `cancel()`), and stops the batch loop and the final ranking alike.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
@@ -18,10 +19,9 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.cancel import CancelToken
 from pipeline.config import ConfigError, RunConfig, Settings, check_writable, resolve
-from pipeline.engine.engine import Backend, BackendUnavailable, Engine
+from pipeline.engine.engine import Backend, BackendUnavailable
 from pipeline.engine.modeldir import ModelInfo
-from pipeline.engine.text import TextEncoderSpec
-from pipeline.io.reader import DatasetReader, InputError
+from pipeline.io.reader import InputError
 from pipeline.io.store import RunStore
 from pipeline.job.feeder import WORKER_DIED, ChunkFeeder, RunError
 from pipeline.job.report import Tally, Timing, build_report, progress_bar
@@ -38,13 +38,14 @@ def fingerprint(files: list[Path], model: ModelInfo, settings: Settings, cfg: Ru
     res = settings.to_dict()
     for k in ("workers", "progress"):  # do not change results
         res.pop(k)
-    return {
+    fp = {
         "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "model": [str(model.path.resolve()), model.checksum],
         "settings": res,
         "columns": asdict(cfg.columns),
         "pipeline_version": __version__,
     }
+    return json.loads(json.dumps(fp))  # as the manifest holds it (tuples become lists), to compare with it
 
 
 def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, backend: Backend | None = None) -> dict:
@@ -53,19 +54,20 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
     cancel, timing = cancel or CancelToken(), Timing()
     settings = resolve(cfg, model)
     task = get_task(settings.mode)
-    reader = DatasetReader(cfg.inputs, cfg.columns, chunk_rows=settings.chunk_rows)  # checks every header
+    reader = task.open_reader(cfg.inputs, cfg.columns, settings.chunk_rows)  # checks every header
     check_input(task, reader)
     check_writable(cfg.out_dir)
-    store = RunStore(cfg.out_dir, fingerprint(reader.files, model, settings, cfg), cfg.resume, cfg.restart)
+    store = RunStore(cfg.out_dir, fingerprint(reader.files, model, settings, cfg), cfg.resume, cfg.restart,
+                     task.output_files)
     tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()
     pool = feeder = None
     try:
-        pool = TokenizerPool(TextEncoderSpec.of(model), settings.workers)
+        pool = TokenizerPool(task.encoder_spec(model, settings), settings.workers)
         chunks_per_window = max(1, settings.window_rows // settings.chunk_rows)
         feeder = ChunkFeeder(reader, pool, task, settings.max_seq_len,
                              depth=chunks_per_window + 2 * max(settings.workers, 1), skip=store.chunks)
         feeder.start()  # the workers boot and tokenize the first window while the predictor loads
-        with Engine(model, settings.engine, backend) as engine:
+        with task.open_engine(model, settings, backend) as engine:
             timing.startup = time.perf_counter() - timing.started
             _score_windows(task, engine, feeder, store, settings, tally, cancel)
         t0 = time.perf_counter()
@@ -73,7 +75,7 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
         timing.rank = store.rank_seconds
         tally.write_seconds += time.perf_counter() - t0 - timing.rank
         rows_read = {name: count.rows_read for name, count in reader.counts.items()}
-        report = build_report(model, settings.to_dict(), reader.files, rows_read, tally, metrics, timing,
+        report = build_report(task.name, model, settings.to_dict(), reader.files, rows_read, tally, metrics, timing,
                               store.manifest["sessions"])
         store.write_report(report)
         store.publish()
@@ -88,9 +90,12 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
     return report
 
 
-def _score_windows(task: Task, engine: Engine, feeder: ChunkFeeder, store: RunStore, settings: Settings,
+def _score_windows(task: Task, engine, feeder: ChunkFeeder, store: RunStore, settings: Settings,
                    tally: Tally, cancel: CancelToken) -> None:
-    progress = progress_bar(settings.progress, initial=store.manifest["rows_committed"])
+    if task.progress_unit == "tokens":
+        progress = progress_bar(settings.progress, initial=int(tally.counters.get("generated_tokens", 0)), unit="tokens")
+    else:
+        progress = progress_bar(settings.progress, initial=store.manifest["rows_committed"])
     file_index = {str(f): i for i, f in enumerate(feeder.reader.files)}
     read_before = tally.read_seconds
     try:
@@ -101,7 +106,7 @@ def _score_windows(task: Task, engine: Engine, feeder: ChunkFeeder, store: RunSt
         progress.close()
 
 
-def _commit_window(task: Task, engine: Engine, store: RunStore, window: list[Item], chunks_done: int,
+def _commit_window(task: Task, engine, store: RunStore, window: list[Item], chunks_done: int,
                    file_index: dict[str, int], tally: Tally, cancel: CancelToken, progress) -> None:
     t0 = time.perf_counter()
     pending = [it for it in window if it.chunk is not None]
@@ -111,11 +116,15 @@ def _commit_window(task: Task, engine: Engine, store: RunStore, window: list[Ite
         raise RunError(WORKER_DIED) from e
     tally.tokenize_wait_seconds += time.perf_counter() - t0
     tally.add_tokenized(results)
-    rows, seqs = sum(len(it.chunk) for it in pending), sum(len(r.enc) for r in results) or 1
-    out = task.process(engine, window, results, file_index, cancel, lambda n: progress.update(n * rows / seqs))
+    rows, seqs = sum(len(it.chunk) for it in pending), sum(r.sequences for r in results) or 1
+    by_rows = task.progress_unit == "rows"
+    out = task.process(engine, window, results, file_index, cancel,
+                       (lambda n: progress.update(n * rows / seqs)) if by_rows else progress.update)
     t1 = time.perf_counter()
     tally.add_batches(out.stats)
     tally.rows_scored += out.table.num_rows
+    for name, v in out.counters.items():
+        tally.counters[name] = tally.counters.get(name, 0) + v
     for name, n in out.per_file.items():
         tally.file(name)["scored"] += n
     for r in out.rejects:
@@ -123,5 +132,6 @@ def _commit_window(task: Task, engine: Engine, store: RunStore, window: list[Ite
         tally.file(r.file)["rejected"] += 1
     tally.write_seconds += time.perf_counter() - t1
     store.commit_window(out.table, out.rejects, chunks_done, tally.to_dict())
-    progress.update(len(out.rejects))
+    if by_rows:
+        progress.update(len(out.rejects))
     release_free_memory()

@@ -44,6 +44,7 @@ class WindowOutput:
     rejects: list[Reject]  # rows the window could not finish, with reasons
     stats: BatchStats
     per_file: dict[str, int] = field(default_factory=dict)  # file -> rows finished
+    counters: dict[str, float] = field(default_factory=dict)  # task-specific totals for the report (summed)
 
 
 INPUT_KINDS = ("text", "pretokenized")  # the row layouts DatasetReader knows: text pairs, token-id pairs
@@ -51,8 +52,19 @@ INPUT_KINDS = ("text", "pretokenized")  # the row layouts DatasetReader knows: t
 
 class Task(Protocol):
     name: str
-    model_output: str  # what the model must output for this task: 'score' | 'embedding'
+    model_output: str  # what the model must output for this task: 'score' | 'embedding' | 'tokens'
     input_kinds: tuple[str, ...]  # the INPUT_KINDS it takes (the reader's columns for each)
+    output_files: tuple[str, ...]  # the final files it publishes in the output folder
+    progress_unit: str  # what `on_batch` counts: 'rows' | 'tokens'
+
+    def open_reader(self, inputs, columns, chunk_rows: int):
+        """The reader of its input (`DatasetReader` or `PromptReader`); checks every header."""
+
+    def encoder_spec(self, model, settings):
+        """The picklable tokenizer recipe its worker processes build (`.build().run(request)`)."""
+
+    def open_engine(self, model, settings, backend):
+        """The engine its `process` calls, as a context manager."""
 
     def prepare(self, chunk: Chunk, rejects: list[Reject], max_seq_len: int) -> Item: ...
 

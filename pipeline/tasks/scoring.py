@@ -20,11 +20,11 @@ import pyarrow as pa
 
 from pipeline.cancel import CancelToken
 from pipeline.engine.engine import Engine, cosine, distinct
-from pipeline.engine.text import TokenizeRequest, TokenizeResult
+from pipeline.engine.text import TextEncoderSpec, TokenizeRequest, TokenizeResult
 from pipeline.engine.tokenizer import Encoded
 from pipeline.io.exports import write_ranking_outputs
-from pipeline.io.reader import Chunk, Reject
-from pipeline.io.store import RunStore
+from pipeline.io.reader import Chunk, DatasetReader, Reject
+from pipeline.io.store import FILES, RunStore
 from pipeline.tasks.base import Item, WindowOutput, sequence_built
 
 SCORED_SCHEMA = pa.schema([("row", pa.int64()), ("file", pa.int32()), ("line", pa.int64()), ("qid", pa.string()),
@@ -59,6 +59,17 @@ class _Scoring:
     name: str
     model_output: str
     input_kinds: tuple[str, ...]
+    output_files = FILES
+    progress_unit = "rows"
+
+    def open_reader(self, inputs, columns, chunk_rows: int) -> DatasetReader:
+        return DatasetReader(inputs, columns, chunk_rows=chunk_rows)
+
+    def encoder_spec(self, model, settings) -> TextEncoderSpec:
+        return TextEncoderSpec.of(model)
+
+    def open_engine(self, model, settings, backend) -> Engine:
+        return Engine(model, settings.engine, backend)
 
     def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
         metrics = write_ranking_outputs(store, run_tag, labelled, cancel)

@@ -265,7 +265,8 @@ def _gguf_name(ours_name: str) -> str:
     return f"blk.{i}.{_GGUF_SHORT[module]}.{kind}"
 
 
-def write_tiny_gguf(path, raw: dict, cfg: DecoderConfig, arch: str = "llama"):
+def write_tiny_gguf(path, raw: dict, cfg: DecoderConfig, arch: str = "llama",
+                    chat_template: str = "{{ messages[0]['content'] }}"):
     """A GGUF file as llama.cpp's converter writes one: F32 tensors, [out, in] order, q/k permuted."""
     import gguf
 
@@ -291,7 +292,7 @@ def write_tiny_gguf(path, raw: dict, cfg: DecoderConfig, arch: str = "llama"):
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template("{{ messages[0]['content'] }}")
+    w.add_chat_template(chat_template)
     for name, arr in raw.items():
         w.add_tensor(name, arr)
     w.write_header_to_file()

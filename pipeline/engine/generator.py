@@ -1,0 +1,169 @@
+"""The generation engine: token-id prompts in, ranked candidates out (knows nothing about files).
+
+    Generator(model, settings).generate(prompts, row_keys, decode) -> candidates per prompt, stats
+
+It plans pre-padded batches on the key/value-cache budget (`generation_batching`), runs each
+through `decoding.decode_batch` on one of `streams` predictors (each a `DecoderPredictor` with
+its own cache and `threads // streams` math threads; batches go to whichever stream is free),
+and restores input order. A batch's candidates depend only on its prompts and the settings,
+never on the stream that ran it, so streams change speed, not results.
+
+`backend` replaces the Paddle predictors with any `decoding.StepModel` factory (tests).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from pipeline.cancel import CancelToken
+from pipeline.engine.decoder_modeldir import DecoderModelInfo
+from pipeline.engine.decoding import Candidate, DecodeStats, DecodingSettings, StepModel, decode_batch
+from pipeline.engine.generation_batching import (
+    GenerationBudget,
+    KVCacheSpec,
+    left_pad,
+    plan_generation_batches,
+    restore_order,
+)
+
+StepModelFactory = Callable[[int, int, int], StepModel]  # (max_batch_rows, max_len, threads) -> a model
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    decoding: DecodingSettings
+    max_cache_bytes: int  # one batch's key/value cache at its longest
+    max_batch_rows: int  # model rows of one batch (prompts x beams or samples)
+    max_prompt_tokens: int  # longest prompt a batch may hold (the cache is sized for it)
+    threads: int = 1
+    streams: int = 1
+    window: Optional[int] = None  # prompts sorted by length within windows of this many (None: the call)
+    onednn: bool = True
+
+    @property
+    def threads_per_stream(self) -> int:
+        return max(1, self.threads // self.streams)
+
+
+@dataclass
+class GenerationStats(DecodeStats):
+    seconds: float = 0.0  # wall time of the generate calls
+    prefill_seconds: float = 0.0  # summed over streams
+    step_seconds: float = 0.0  # summed over streams
+
+    def add(self, other: DecodeStats) -> None:
+        for f in fields(other):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class _Timed:
+    """A StepModel that adds its prefill and step wall times into a DecodeStats-like record."""
+
+    def __init__(self, model: StepModel):
+        self.model = model
+        self.prefill_seconds = self.step_seconds = 0.0
+
+    def prefill(self, *a):
+        t0 = time.perf_counter()
+        out = self.model.prefill(*a)
+        self.prefill_seconds += time.perf_counter() - t0
+        return out
+
+    def step(self, *a):
+        t0 = time.perf_counter()
+        out = self.model.step(*a)
+        self.step_seconds += time.perf_counter() - t0
+        return out
+
+    def select(self, rows):
+        self.model.select(rows)
+
+
+def kv_spec(model: DecoderModelInfo) -> KVCacheSpec:
+    return KVCacheSpec(model.num_hidden_layers, model.num_key_value_heads, model.head_dim)
+
+
+class Generator:
+    def __init__(self, model: DecoderModelInfo, settings: GeneratorSettings,
+                 backend: Optional[StepModelFactory] = None):
+        s = settings
+        assert 1 <= s.streams <= max(1, s.threads), f"streams {s.streams} need as many threads (got {s.threads})"
+        self.model, self.settings = model, s
+        self.budget = GenerationBudget(kv_spec(model), s.max_cache_bytes, s.max_batch_rows, s.window,
+                                       max_positions=model.max_seq_len)
+        self.max_len = s.max_prompt_tokens + s.decoding.max_new_tokens
+        if backend is None:
+            from pipeline.engine.decoder_predictor import DecoderPredictor
+
+            def backend(rows: int, max_len: int, threads: int) -> StepModel:
+                return DecoderPredictor(model.path, rows, max_len, threads=threads, onednn=s.onednn)
+
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(s.streams):
+            self._free.put(backend(s.max_batch_rows, self.max_len, s.threads_per_stream))
+        self._pool = ThreadPoolExecutor(s.streams, thread_name_prefix="generate") if s.streams > 1 else None
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _run_batch(self, prompts, batch, keys, decode, cancel: Optional[CancelToken]):
+        if cancel is not None:
+            cancel.check()
+        model = self._free.get()
+        try:
+            timed, stats = _Timed(model), DecodeStats()
+            padded = left_pad(prompts, batch.rows, batch.prompt_len, self.settings.decoding.pad_token_id)
+            out = decode_batch(timed, padded, self.settings.decoding, [keys[int(i)] for i in batch.rows], decode,
+                               stats)
+            return out, stats, timed.prefill_seconds, timed.step_seconds
+        finally:
+            self._free.put(model)
+
+    def generate(self, prompts: Sequence[Sequence[int]], row_keys: Optional[Sequence] = None,
+                 decode: Optional[Callable[[Sequence[int]], str]] = None, cancel: Optional[CancelToken] = None,
+                 on_batch: Optional[Callable[[int, int], None]] = None) -> tuple[list[list[Candidate]], GenerationStats]:
+        """Ranked candidates per prompt (input order) and what it took. `row_keys` key the sample
+        rows (default: the prompt's index; pass stable ids to keep samples across splits);
+        `on_batch(prompts, generated_tokens)` after each batch."""
+        t0 = time.perf_counter()
+        s = self.settings
+        for i, p in enumerate(prompts):
+            assert 1 <= len(p) <= s.max_prompt_tokens, (
+                f"prompt {i} has {len(p)} tokens; the generator was sized for 1..{s.max_prompt_tokens}")
+        batches = plan_generation_batches([len(p) for p in prompts], s.decoding.max_new_tokens,
+                                          s.decoding.rows_per_prompt, self.budget)
+        keys = list(range(len(prompts))) if row_keys is None else list(row_keys)
+        assert len(keys) == len(prompts), f"{len(keys)} row keys for {len(prompts)} prompts"
+        stats, results = GenerationStats(), []
+        if self._pool is None:
+            done = (self._run_batch(prompts, b, keys, decode, cancel) for b in batches)
+        else:
+            futures = [self._pool.submit(self._run_batch, prompts, b, keys, decode, cancel) for b in batches]
+            done = (f.result() for f in futures)
+        try:
+            for batch, (out, st, pre_s, step_s) in zip(batches, done):
+                results.append(out)
+                stats.add(st)
+                stats.prefill_seconds += pre_s
+                stats.step_seconds += step_s
+                if on_batch is not None:
+                    on_batch(len(batch.rows), st.generated_tokens)
+        finally:
+            if self._pool is not None:
+                for f in futures:
+                    f.cancel()
+        stats.seconds = time.perf_counter() - t0
+        return restore_order(batches, results, len(prompts)), stats

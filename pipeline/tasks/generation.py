@@ -1,0 +1,263 @@
+"""The generation task: ranked candidate texts for every prompt of the input.
+
+Per window (as for scoring: `pipeline.job` drives it):
+  reader thread:  `prepare(chunk)` -> a prompts / messages `TokenizeRequest` (the workers render
+                  the chat template, tokenize, apply the prompt limit);
+  main thread:    `process` -> the generator (`engine.generator`) decodes the window's prompts
+                  in pre-padded batches; candidates are detokenized and, with `--rerank-model`,
+                  re-scored by a scoring model; one committed row per prompt;
+  at the end:     `finish` -> generations.jsonl, predictions.tsv, rejects.tsv and the metrics
+                  (sacrebleu BLEU and chrF, rouge-score ROUGE-L) when references exist.
+
+Committed rows hold their candidates as one JSON string (`json.dumps` escapes tabs and newlines,
+so the store's cleaning of string columns leaves it intact and the generated text keeps its
+newlines in generations.jsonl; predictions.tsv, being TSV, gets them as spaces). The sampling
+key of a row is its id: a sample depends on the seed and the row, not on the batch or window it
+lands in.
+
+Candidates are ranked by the decoder's `score` (the beam score for beam search, the mean
+log-probability otherwise: both length-normalised). With a re-ranker every candidate also gets
+`rerank_score` (the scoring model's score of (prompt text, candidate text): a cross-encoder's
+relevance, or a bi-encoder's cosine), and the candidates are ordered by it, ties kept in
+decoder order; both scores are written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cancel import CancelToken
+from pipeline.engine.decoding_settings import STOP, Candidate
+from pipeline.engine.engine import BatchStats
+from pipeline.engine.prompt_text import PromptEncoderSpec
+from pipeline.engine.text import TokenizeRequest
+from pipeline.io.prompts import PromptReader
+from pipeline.io.rows import PromptChunk, Reject
+from pipeline.io.store import RunStore, clean
+from pipeline.tasks.base import Item, WindowOutput
+
+GENERATION_FILES = ("generations.jsonl", "predictions.tsv", "rejects.tsv", "report.json", "submission.zip")
+GENERATED_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("file", pa.int32()), ("line", pa.int64()), ("id", pa.string()),
+    ("prompt_tokens", pa.int32()), ("prompt_truncated", pa.bool_()),
+    ("references", pa.string()),  # JSON list
+    ("candidates", pa.string()),  # JSON list, ranked
+])
+
+
+def one_line(s: str) -> str:
+    """A TSV field on one line: tabs and every character Python's splitlines breaks at (generated
+    text may hold \v, \x85, \u2028 ...) become spaces."""
+    return " ".join(clean(s).splitlines()) if s else s
+
+
+def prompt_text(chunk: PromptChunk, i: int) -> str:
+    """The text a re-ranker compares candidates with: the prompt, or the last user turn."""
+    if chunk.prompt is not None:
+        return chunk.prompt[i]
+    turns = chunk.messages[i]
+    users = [t["content"] for t in turns if t["role"] == "user"]
+    return users[-1] if users else turns[-1]["content"]
+
+
+def candidate_record(c: Candidate, text: str) -> dict:
+    rec = {"text": text, "num_tokens": c.num_tokens, "sum_logprob": c.sum_logprob, "mean_logprob": c.mean_logprob,
+           "score": c.score, "finish_reason": c.finish_reason, "token_ids": list(c.token_ids)}
+    if c.finish_reason == STOP:
+        rec["stop_string"] = c.stop_string
+    return rec
+
+
+def candidate_text(decode: Callable, c: Candidate) -> str:
+    """The candidate's text; a stop string and what follows it are cut (recorded in the record)."""
+    text = decode(c.token_ids)
+    if c.finish_reason == STOP and c.stop_string:
+        cut = text.find(c.stop_string)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
+class GenerationRuntime:
+    """What `process` calls: the generator, a detokenizer, and the optional re-ranker."""
+
+    def __init__(self, model, settings, backend=None):
+        from pipeline.engine.generator import Generator
+
+        g = settings.generation
+        self.prompts = PromptEncoderSpec.of(model, g.max_prompt_tokens, g.prompt_overflow, g.chat).build()
+        self.generator = Generator(model, settings.generator, backend)
+        self.reranker = None
+        try:
+            if g.rerank_model is not None:
+                self.reranker = _open_reranker(Path(g.rerank_model), settings)
+        except BaseException:
+            self.generator.close()
+            raise
+
+    def decode(self, ids) -> str:
+        return self.prompts.decode(ids)
+
+    def close(self) -> None:
+        self.generator.close()
+        if self.reranker is not None:
+            self.reranker.close()
+
+    def __enter__(self) -> "GenerationRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_reranker(path: Path, settings):
+    """A scoring model's engine, for re-ranking candidates (one stream, the run's threads)."""
+    from pipeline.config import ConfigError
+    from pipeline.engine.engine import Engine, EngineSettings
+    from pipeline.engine.modeldir import ModelInfo, load_model_info
+
+    info = load_model_info(path)
+    if not isinstance(info, ModelInfo):
+        raise ConfigError(f"--rerank-model {path} is a generation model; give a scoring model (cross or bi)")
+    return Engine(info, EngineSettings(max_seq_len=info.max_seq_len, max_batch_tokens=8192, max_batch_size=64,
+                                       pad_multiple=1, threads=settings.threads, streams=1))
+
+
+class Generation:
+    name, model_output, input_kinds = "generate", "tokens", ("text",)
+    output_files = GENERATION_FILES
+    progress_unit = "tokens"
+
+    def open_reader(self, inputs, columns, chunk_rows: int) -> PromptReader:
+        return PromptReader(inputs, columns, chunk_rows=chunk_rows)
+
+    def encoder_spec(self, model, settings) -> PromptEncoderSpec:
+        g = settings.generation
+        return PromptEncoderSpec.of(model, g.max_prompt_tokens, g.prompt_overflow, g.chat)
+
+    def open_engine(self, model, settings, backend) -> GenerationRuntime:
+        return GenerationRuntime(model, settings, backend)
+
+    def prepare(self, chunk: PromptChunk, rejects: list[Reject], max_seq_len: int) -> Item:
+        if chunk.messages is not None:
+            return Item(chunk, rejects, TokenizeRequest("messages", max_seq_len, chunk.messages))
+        return Item(chunk, rejects, TokenizeRequest("prompts", max_seq_len, chunk.prompt))
+
+    def process(self, engine: GenerationRuntime, items: list[Item], results, file_index: dict[str, int],
+                cancel: CancelToken | None, on_batch: Callable[[int], None]) -> WindowOutput:
+        rejects = [r for it in items for r in it.rejects]
+        pending = [(it, res) for it, res in zip((it for it in items if it.chunk is not None), results)]
+        prompts, keys, where = [], [], []  # where: (item index, row in chunk) per prompt
+        for k, (it, res) in enumerate(pending):
+            c = it.chunk
+            ok = [i for i in range(len(c)) if i not in res.failed]
+            rejects += [Reject(c.file, int(c.line[i]), int(c.row[i]), res.failed[i], c.id[i])
+                        for i in range(len(c)) if i in res.failed]
+            prompts += res.ids
+            keys += [c.id[i] for i in ok]
+            where += [(k, i) for i in ok]
+        decoding = engine.generator.settings.decoding
+        decode = engine.decode if decoding.stop_strings else None
+        cands, stats = engine.generator.generate(prompts, keys, decode, cancel,
+                                                 on_batch=lambda rows, tokens: on_batch(tokens))
+        t0 = time.perf_counter()
+        texts = [[candidate_text(engine.decode, c) for c in cs] for cs in cands]
+        detok_s = time.perf_counter() - t0
+        rerank = self._rerank(engine, pending, where, texts, cancel)
+        table, per_file = self._table(pending, prompts, where, cands, texts, rerank, file_index)
+        counters = {
+            "generated_tokens": stats.generated_tokens,
+            "generated_tokens_best": sum(cs[0].num_tokens for cs in cands if cs),
+            "candidates": sum(len(cs) for cs in cands), "step_calls": stats.step_calls,
+            "row_steps": stats.row_steps, "selects": stats.selects, "prefill_seconds": stats.prefill_seconds,
+            "step_seconds": stats.step_seconds, "detokenize_seconds": detok_s,
+            "rerank_seconds": rerank[1] if rerank else 0.0,
+        }
+        batch_stats = BatchStats(sequences=stats.prompts, tokens=stats.prompt_tokens,
+                                 padded_tokens=stats.padded_prompt_tokens, batches=stats.batches, seconds=stats.seconds)
+        return WindowOutput(table, sorted(rejects, key=lambda r: r.row), batch_stats, per_file, counters)
+
+    @staticmethod
+    def _rerank(engine: GenerationRuntime, pending, where, texts, cancel):
+        """Re-ranker scores per candidate (None without a re-ranker) and the seconds it took."""
+        if engine.reranker is None or not texts:
+            return None
+        t0 = time.perf_counter()
+        queries, docs = [], []
+        for (k, i), ts in zip(where, texts):
+            q = prompt_text(pending[k][0].chunk, i)
+            queries += [q] * len(ts)
+            docs += [t if t.strip() else " " for t in ts]  # an empty candidate still gets a score
+        scores = engine.reranker.score_pairs(queries, docs, cancel)
+        out, start = [], 0
+        for ts in texts:
+            out.append(scores[start:start + len(ts)].tolist())
+            start += len(ts)
+        return out, time.perf_counter() - t0
+
+    @staticmethod
+    def _table(pending, prompts, where, cands, texts, rerank, file_index):
+        cols = {n: [] for n in GENERATED_SCHEMA.names}
+        per_file: dict[str, int] = {}
+        for j, ((k, i), cs, ts) in enumerate(zip(where, cands, texts)):
+            it, res = pending[k]
+            c = it.chunk
+            records = [candidate_record(cand, t) for cand, t in zip(cs, ts)]
+            if rerank is not None:
+                for rec, s in zip(records, rerank[0][j]):
+                    rec["rerank_score"] = s
+                order = sorted(range(len(records)), key=lambda m: -records[m]["rerank_score"])
+                records = [records[m] for m in order]
+            cols["row"].append(int(c.row[i]))
+            cols["file"].append(file_index[c.file])
+            cols["line"].append(int(c.line[i]))
+            cols["id"].append(c.id[i])
+            cols["prompt_tokens"].append(len(prompts[j]))
+            cols["prompt_truncated"].append(i in res.truncated_items)
+            cols["references"].append(json.dumps(list(c.reference[i]), ensure_ascii=False))
+            cols["candidates"].append(json.dumps(records, ensure_ascii=False))
+            per_file[c.file] = per_file.get(c.file, 0) + 1
+        table = pa.table(cols, schema=GENERATED_SCHEMA)
+        order = np.argsort(table.column("row").to_numpy(), kind="stable")
+        return table.take(pa.array(order)), per_file
+
+    def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
+        from pipeline.tasks.text_metrics import generation_metrics
+
+        cancel = cancel or CancelToken()
+        hyps, refs = [], []
+        with open(store.partial / "generations.jsonl", "w", encoding="utf-8", newline="\n") as gen, \
+                open(store.partial / "predictions.tsv", "w", encoding="utf-8", newline="\n") as pred:
+            pred.write("id\tprediction\n")
+            for w in range(store.windows):
+                cancel.check()
+                t = store.read_part(w, ["id", "prompt_tokens", "prompt_truncated", "references", "candidates"]).to_pydict()
+                for rid, n, cut, ref, cand in zip(t["id"], t["prompt_tokens"], t["prompt_truncated"], t["references"],
+                                                  t["candidates"]):
+                    cands, ref = json.loads(cand), json.loads(ref)
+                    rec = {"id": rid, "prompt_tokens": n, "prompt_truncated": cut, "candidates": cands}
+                    if ref:
+                        rec["references"] = ref
+                    gen.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    best = cands[0]["text"] if cands else ""
+                    pred.write(f"{one_line(rid)}\t{one_line(best)}\n")
+                    if ref:
+                        hyps.append(best)
+                        refs.append(ref)
+        _write_rejects(store)
+        return generation_metrics(hyps, refs) if labelled else None
+
+
+def _write_rejects(store: RunStore) -> None:
+    with open(store.partial / "rejects.tsv", "w", encoding="utf-8", newline="\n") as out:
+        out.write("file\tline\tid\treason\n")
+        for w in range(store.windows):
+            t = store.read_rejects(w).to_pydict()
+            out.write("".join(f"{f}\t{line}\t{i}\t{r}\n" for f, line, i, r in
+                              zip(t["file"], t["line"], t["qid"], t["reason"])))
