@@ -13,6 +13,7 @@ by `ensure_decoder_converted` when it is missing or stale (45-80 s on 2 cores), 
 import zlib  # noqa: F401 - before paddle
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,46 @@ def test_smollm_converts(smol_dir):
     assert info.meta["validation"]["max_abs_logit_diff"] < 1e-4
     ids = Tokenizer.from_file(str(info.tokenizer_file)).encode("The capital of France is").ids
     assert ids == [504, 3575, 282, 4649, 314]
+
+
+# ----------------------------------------------------------------------------- Hugging Face directories
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "decoders"
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir()) if FIXTURES.is_dir() else [])
+def test_hf_fixture_converts(fixture, tmp_path):
+    """A tiny HF decoder (tests/fixtures/decoders, torch references): the converted programs
+    give the reference's last-column prompt logits and its greedy tokens."""
+    reader = pytest.importorskip("pipeline.convert.decoder_checkpoint")
+    src = FIXTURES / fixture
+    assert is_decoder_source(src)
+    ck = reader.read_decoder_checkpoint(src, with_weights=False)
+    info = load_model_info(convert_decoder(src, tmp_path / fixture))
+    assert isinstance(info, DecoderModelInfo)
+    assert info.architecture == ck.config.to_dict() and info.meta["source"]["layout"] == "hf"
+    assert info.special.eos_token_ids == tuple(ck.eos_token_ids)
+    pad = ck.special_tokens.get("pad_token_id")
+    assert info.special.pad_token_id == (ck.eos_token_ids[0] if pad is None else pad)
+    assert info.chat_template == ck.chat_template
+    files = sorted(f.name for f in ck.source_files)
+    assert sorted(f["file"] for f in info.meta["source"]["files"]) == files
+    assert info.source_sha256 == dc.source_record(src, [Path(f) for f in ck.source_files])["sha256"]
+    ref_file = src / "reference.npz"
+    if not ref_file.is_file():
+        return
+    ref = np.load(ref_file)
+    ids, mask = ref["input_ids"].astype(np.int64), ref["attention_mask"].astype(np.int64)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None) * mask
+    steps = 16
+    pred = DecoderPredictor(info.path, max_batch=ids.shape[0], max_len=ids.shape[1] + steps)
+    logits = pred.prefill(ids, pos, mask.astype(np.float32))
+    np.testing.assert_allclose(logits, ref["logits"][:, -1], rtol=0, atol=1e-4)
+    tokens, next_pos = [], pos[:, -1:] + 1
+    for _ in range(steps):
+        tok = logits.argmax(-1)[:, None].astype(np.int64)
+        tokens.append(tok)
+        mask = np.concatenate([mask, np.ones_like(tok)], axis=1)
+        logits = pred.step(tok, next_pos, mask.astype(np.float32))
+        next_pos = next_pos + 1
+    np.testing.assert_array_equal(np.concatenate(tokens, axis=1), ref["greedy"][:, :steps])
