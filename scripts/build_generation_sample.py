@@ -3,9 +3,10 @@
 
 Each query of data/sample/pairs.tsv is the summary sentence of a Python standard-library
 docstring, and its label-2 document is the rest of that docstring. The generation task turns
-this around: given the document, write the query. One chat row per qid:
+this around: given the rest of the docstring, write its one-sentence summary (the query, which
+is also what a user searching for it would type). One chat row per qid:
 
-    {"id": "<qid>", "messages": [{"role": "user", "content": INSTRUCTION + "\\n\\n" + doc}],
+    {"id": "<qid>", "messages": [{"role": "user", "content": INSTRUCTION + doc}],
      "reference": "<query>"}
 
 The document is the qid's most relevant one: the highest label above 0, the first in file order
@@ -28,10 +29,11 @@ import json
 import os
 import sys
 
-# Worded for a small instruct model (SmolLM2-135M-Instruct): a short task, the wanted length and
-# form stated up front, the document last and labelled.
-INSTRUCTION = ("Write the search query a user would type to find this documentation. "
-               "Answer with the query only: one short line, no quotes, no explanation.")
+# Worded for a small instruct model (SmolLM2-135M-Instruct). Measured on the first 24 rows, greedy,
+# 32 new tokens, first line of the answer: this wording gave ROUGE-L 0.141 / chrF 24.5, where
+# "Write the search query a user would type to find this documentation. Answer with the query
+# only: ..." gave 0.097 / 23.1 (the model answered "The search query is: ```...").
+INSTRUCTION = "Summarize in one short sentence what this Python documentation describes:\n\n"
 COLUMNS = ["qid", "query", "doc_id", "doc", "label"]
 
 
@@ -55,7 +57,7 @@ def read_pairs(path: str) -> dict[str, tuple[str, str, float]]:
 
 def build_rows(best: dict[str, tuple[str, str, float]], max_rows: int) -> list[dict]:
     return [{"id": qid,
-             "messages": [{"role": "user", "content": f"{INSTRUCTION}\n\n{doc}"}],
+             "messages": [{"role": "user", "content": f"{INSTRUCTION}{doc}"}],
              "reference": query}
             for qid, (query, doc, _label) in sorted(best.items())[:max_rows]]
 
