@@ -20,11 +20,12 @@ def _chunk(file="f.tsv", n=3, pretokenized=False):
                  token_type_ids=[[0, 0, 0]] * n if pretokenized else None)
 
 
-def test_registry_names_the_scoring_tasks_and_refuses_others():
-    assert set(TASKS) == {"cross", "bi"}
+def test_registry_names_the_tasks_and_refuses_others():
+    assert set(TASKS) == {"cross", "bi", "generate"}
     assert get_task("cross").model_output == "score" and get_task("bi").model_output == "embedding"
-    with pytest.raises(ConfigError, match="unknown task 'generate'"):
-        get_task("generate")
+    assert get_task("generate").model_output == "tokens"
+    with pytest.raises(ConfigError, match="unknown task 'summarize'"):
+        get_task("summarize")
 
 
 def test_cross_requests_pairs_or_pretokenized_ids():
