@@ -218,7 +218,7 @@ def convert_decoder(src: str | Path, dst: str | Path, force: bool = False, name:
 
     paddle.set_device("cpu")
     model = _build_model(ckpt)
-    ckpt.weights = {}  # the model holds its own copy: keep one in memory, not two
+    ckpt.weights.clear()  # the model holds its own copy: keep one in memory, not two
     with staged_dir(dst) as stage:
         write_decoder_programs(model, stage.path)
         ckpt.tokenizer.save(str(stage.path / TOKENIZER_FILE))

@@ -216,12 +216,13 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "decoders"
 
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir()) if FIXTURES.is_dir() else [])
 def test_hf_fixture_converts(fixture, tmp_path):
-    """A tiny HF decoder (tests/fixtures/decoders, torch references): the converted programs
-    give the reference's last-column prompt logits and its greedy tokens."""
+    """A tiny HF decoder (tests/fixtures/decoders): model.json from the checkpoint, the programs
+    equal to the dygraph model (< 1e-4 at every step) and, where the fixture has a torch
+    reference, its greedy tokens."""
     reader = pytest.importorskip("pipeline.convert.decoder_checkpoint")
     src = FIXTURES / fixture
     assert is_decoder_source(src)
-    ck = reader.read_decoder_checkpoint(src, with_weights=False)
+    ck = reader.read_decoder_checkpoint(src)
     info = load_model_info(convert_decoder(src, tmp_path / fixture))
     assert isinstance(info, DecoderModelInfo)
     assert info.architecture == ck.config.to_dict() and info.meta["source"]["layout"] == "hf"
@@ -232,21 +233,19 @@ def test_hf_fixture_converts(fixture, tmp_path):
     files = sorted(f.name for f in ck.source_files)
     assert sorted(f["file"] for f in info.meta["source"]["files"]) == files
     assert info.source_sha256 == dc.source_record(src, [Path(f) for f in ck.source_files])["sha256"]
+    stamp = (info.path / "model.json").stat().st_mtime_ns
+    ensure_decoder_converted(src, info.path)  # the same source files: reused
+    assert (info.path / "model.json").stat().st_mtime_ns == stamp
+    # The programs against the dygraph model of the same checkpoint, at every step of a greedy decode.
+    model = ours(ck.config, ck.weights)
     ref_file = src / "reference.npz"
-    if not ref_file.is_file():
-        return
-    ref = np.load(ref_file)
-    ids, mask = ref["input_ids"].astype(np.int64), ref["attention_mask"].astype(np.int64)
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None) * mask
+    if ref_file.is_file():  # the torch reference's prompts, and its greedy tokens
+        ref = np.load(ref_file)
+        ids, mask = ref["input_ids"].astype(np.int64), ref["attention_mask"].astype(np.int64)
+    else:
+        ids, mask, _ = left_padded(PROMPT_LENGTHS, ck.config.vocab_size, seed=5)
     steps = 16
     pred = DecoderPredictor(info.path, max_batch=ids.shape[0], max_len=ids.shape[1] + steps)
-    logits = pred.prefill(ids, pos, mask.astype(np.float32))
-    np.testing.assert_allclose(logits, ref["logits"][:, -1], rtol=0, atol=1e-4)
-    tokens, next_pos = [], pos[:, -1:] + 1
-    for _ in range(steps):
-        tok = logits.argmax(-1)[:, None].astype(np.int64)
-        tokens.append(tok)
-        mask = np.concatenate([mask, np.ones_like(tok)], axis=1)
-        logits = pred.step(tok, next_pos, mask.astype(np.float32))
-        next_pos = next_pos + 1
-    np.testing.assert_array_equal(np.concatenate(tokens, axis=1), ref["greedy"][:, :steps])
+    tokens, _, _ = check_against_module(model, pred, ids, mask, steps)
+    if ref_file.is_file():
+        np.testing.assert_array_equal(tokens, ref["greedy"][:, :steps])
