@@ -23,12 +23,12 @@ read. The caller loads the weights into `decoder.DecoderForCausalLM`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from pipeline.convert.decoder_checkpoint import DecoderCheckpoint
 from pipeline.convert.errors import ConversionError
 
 ARCHITECTURES = ("llama",)
@@ -57,20 +57,8 @@ _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
 
 
-@dataclass
-class GgufCheckpoint:
-    """What a GGUF file holds, in the decoder's terms."""
-
-    path: Path
-    name: str  # general.name
-    config: Any  # decoder.DecoderConfig
-    weights: dict[str, np.ndarray]  # decoder.DecoderForCausalLM names, fp32, Linear [in, out]
-    tokenizer: Any  # tokenizers.Tokenizer
-    special_tokens: dict[str, Optional[int]]  # bos/eos/pad/unk token ids
-    add_bos_token: bool
-    add_eos_token: bool
-    chat_template: Optional[str]
-    quant_types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensor count
+# What read_gguf returns: the layout-independent checkpoint (kept under its old name).
+GgufCheckpoint = DecoderCheckpoint
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -314,7 +302,7 @@ def read_tokenizer(path: Path, reader, meta: dict):
 # ----------------------------------------------------------------------------- entry point
 
 
-def read_gguf(path: Path | str, *, with_weights: bool = True) -> GgufCheckpoint:
+def read_gguf(path: Path | str, *, with_weights: bool = True) -> DecoderCheckpoint:
     """Read a llama-architecture GGUF file; `with_weights=False` skips the dequantization."""
     path = Path(path)
     reader = _open(path)
@@ -327,7 +315,8 @@ def read_gguf(path: Path | str, *, with_weights: bool = True) -> GgufCheckpoint:
     if tokenizer.get_vocab_size(with_added_tokens=True) != cfg.vocab_size:
         raise ConversionError(f"{path}: {tokenizer.get_vocab_size()} tokens, the model has {cfg.vocab_size} rows")
     weights, quant_types = read_weights(path, reader, cfg) if with_weights else ({}, {})
-    return GgufCheckpoint(
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return DecoderCheckpoint(
         path=path,
         name=str(meta.get("general.name") or path.stem),
         config=cfg,
@@ -343,6 +332,9 @@ def read_gguf(path: Path | str, *, with_weights: bool = True) -> GgufCheckpoint:
         add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),
         quant_types=quant_types,
+        architecture=str(meta.get("general.architecture")),
+        source_files=[path],
+        eos_token_ids=() if eos is None else (int(eos),),
     )
 
 
