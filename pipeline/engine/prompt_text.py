@@ -35,6 +35,7 @@ class PromptEncoderSpec:
     chat: bool = False  # wrap a plain prompt as one user turn of the chat template
     add_bos_token: bool = False
     bos_token_id: int | None = None
+    eos_token_id: int | None = None  # the template's `eos_token` (templates that close assistant turns use it)
 
     def __post_init__(self) -> None:
         assert self.overflow in OVERFLOW, f"overflow must be one of {OVERFLOW}, got {self.overflow!r}"
@@ -44,7 +45,7 @@ class PromptEncoderSpec:
     def of(cls, model: DecoderModelInfo, max_prompt_tokens: int, overflow: str = "truncate",
            chat: bool = False) -> "PromptEncoderSpec":
         return cls(str(model.tokenizer_file), model.chat_template, max_prompt_tokens, overflow, chat,
-                   model.add_bos_token, model.special.bos_token_id)
+                   model.add_bos_token, model.special.bos_token_id, model.special.eos_token_ids[0])
 
     def build(self) -> "PromptEncoder":
         return PromptEncoder(self)
@@ -97,7 +98,8 @@ class PromptEncoder:
             raise ValueError("the model has no chat template, so chat messages (or --chat) cannot be rendered; "
                              "give plain prompts")
         return self._template.render(messages=messages, add_generation_prompt=True,
-                                     bos_token=self._token(self.spec.bos_token_id), eos_token="")
+                                     bos_token=self._token(self.spec.bos_token_id),
+                                     eos_token=self._token(self.spec.eos_token_id))
 
     def _ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
