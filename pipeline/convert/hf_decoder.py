@@ -21,7 +21,8 @@ What the two model types mean, read from transformers 4.57's `modeling_llama.py`
 - tied head: `tie_word_embeddings` (Llama default False, ERNIE 4.5 default True); a tied
   checkpoint's `lm_head.weight`, when stored, is ignored, as transformers ties it to the
   embedding.
-Keys a config leaves out take the defaults of transformers' config class (`_DEFAULTS`). What
+Keys a config leaves out take the defaults of transformers' config class (`_DEFAULTS`), except
+the five sizes (`_REQUIRED`), which must be there. What
 decoder.py does not compute (rope scaling, mixture of experts, sliding windows, another
 activation, partial rotary, soft-capping, quantized weights) is refused, naming the file and key.
 
@@ -114,10 +115,11 @@ def read_config(path: Path, raw: dict):
     layer_types = raw.get("layer_types")
     if layer_types is not None and any(t != "full_attention" for t in layer_types):
         raise ConversionError(f"{path}: layer_types {sorted(set(layer_types))} is not supported (full attention only)")
-    c = {**_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None or k == "head_dim"}}
-    if c.get("head_dim") is None:
-        c["head_dim"] = _DEFAULTS[model_type]["head_dim"]
-    if c["hidden_act"] != "silu":
+    # As the config class: a key left out takes its default; an explicit null head_dim or
+    # num_key_value_heads means hidden_size / heads and num_attention_heads (so ERNIE 4.5's
+    # missing head_dim is 128, its null head_dim hidden_size / num_attention_heads).
+    c = {**_DEFAULTS[model_type], **raw}
+    if c["hidden_act"] not in ("silu", "swish"):
         raise ConversionError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (SwiGLU with silu only)")
 
     heads = c["num_attention_heads"]
@@ -138,6 +140,9 @@ def read_config(path: Path, raw: dict):
         attn_bias = out_bias = bool(c["attention_bias"])
         mlp_bias = bool(c["mlp_bias"])
     ids = {k: _first_id(path, k, c.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    for key in ("rms_norm_eps", "rope_theta", "max_position_embeddings"):
+        if isinstance(c[key], bool) or not isinstance(c[key], (int, float)) or c[key] <= 0:
+            raise ConversionError(f"{path}: {key} {c[key]!r} is not a positive number")
     cfg = DecoderConfig(
         vocab_size=c["vocab_size"],
         hidden_size=c["hidden_size"],

@@ -201,6 +201,18 @@ def test_config_refusals_name_file_and_key(tmp_path, changes, message):
     assert str(d / "config.json") in str(e.value)
 
 
+def test_ernie_head_dim_defaults_as_transformers_does(tmp_path):
+    """Ernie4_5Config: head_dim left out is 128; an explicit null is hidden_size / heads."""
+    d = copy_fixture(tmp_path, "ernie4_5_bias_untied")  # head_dim 8 = 32 / 4
+    edit_config(d, head_dim=None)
+    assert read_decoder_checkpoint(d, with_weights=False).config.dim_per_head == 8
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["head_dim"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=r"q_proj.weight has shape \(32, 32\), config.json implies \(512, 32\)"):
+        read_decoder_checkpoint(d, with_weights=False)
+
+
 def test_harmless_config_values_are_accepted(tmp_path):
     d = copy_fixture(tmp_path)
     edit_config(d, rope_scaling={"rope_type": "default"}, pretraining_tp=1, attention_dropout=0.0)
