@@ -10,8 +10,9 @@ differs between them is in `DecoderConfig`:
   "NeoX style"); ERNIE 4.5 rotates adjacent pairs (GPT-J style). The two are the same function
   of the weights up to a permutation of the q/k rows (llama.cpp's converter applies exactly
   that permutation, see `gguf_checkpoint.unpermute_qk`).
-- biases: `attention_bias` on q/k/v (and o unless `attention_out_bias` says otherwise: ERNIE
-  4.5 has none on o), `mlp_bias` on gate/up/down.
+- biases: `attention_bias` on q/k/v (and o unless `attention_out_bias` says otherwise; ERNIE
+  4.5's single `use_bias` covers q, k, v and o alike, as transformers' Ernie4_5 has it),
+  `mlp_bias` on gate/up/down.
 - `head_dim` when it is not hidden_size / num_attention_heads (ERNIE 4.5, Qwen3).
 
 Parameter names are Hugging Face's without the `model.` prefix (PaddleNLP's without `llama.`):

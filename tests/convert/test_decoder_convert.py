@@ -214,7 +214,7 @@ def test_smollm_converts(smol_dir):
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "decoders"
 
 
-@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir()) if FIXTURES.is_dir() else [])
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES.is_dir() else [])
 def test_hf_fixture_converts(fixture, tmp_path):
     """A tiny HF decoder (tests/fixtures/decoders): model.json from the checkpoint, the programs
     equal to the dygraph model (< 1e-4 at every step) and, where the fixture has a torch
