@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import numpy as np
+
 from pipeline.cancel import CancelToken
 from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.engine.decoding import Candidate, DecodeStats, DecodingSettings, StepModel, decode_batch
@@ -134,10 +136,14 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]], row_keys: Optional[Sequence] = None,
                  decode: Optional[Callable[[Sequence[int]], str]] = None, cancel: Optional[CancelToken] = None,
-                 on_batch: Optional[Callable[[int, int], None]] = None) -> tuple[list[list[Candidate]], GenerationStats]:
+                 on_batch: Optional[Callable[[int, int], None]] = None,
+                 on_candidates: Optional[Callable[[np.ndarray, list[list[Candidate]]], None]] = None,
+                 ) -> tuple[list[list[Candidate]], GenerationStats]:
         """Ranked candidates per prompt (input order) and what it took. `row_keys` key the sample
         rows (default: the prompt's index; pass stable ids to keep samples across splits);
-        `on_batch(prompts, generated_tokens)` after each batch."""
+        `on_batch(prompts, generated_tokens)` after each batch; `on_candidates(rows, candidates)`
+        too, with the batch's prompt indices and their candidates (to start detokenizing them
+        while the next batch decodes)."""
         t0 = time.perf_counter()
         s = self.settings
         for i, p in enumerate(prompts):
@@ -159,6 +165,8 @@ class Generator:
                 stats.add(st)
                 stats.prefill_seconds += pre_s
                 stats.step_seconds += step_s
+                if on_candidates is not None:
+                    on_candidates(batch.rows, out)
                 if on_batch is not None:
                     on_batch(len(batch.rows), st.generated_tokens)
         finally:

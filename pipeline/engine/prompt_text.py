@@ -23,7 +23,8 @@ from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.engine.text import TokenizeRequest
 
 OVERFLOW = ("truncate", "reject")
-PROMPT_KINDS = ("prompts", "messages")  # TokenizeRequest kinds this encoder takes
+PROMPT_KINDS = ("prompts", "messages")  # TokenizeRequest kinds this encoder tokenizes
+DETOKENIZE = "detokenize"  # and the kind it detokenizes: `a` holds token-id lists
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,12 @@ class PromptTokens:
         return len(self.ids)
 
 
+@dataclass
+class Detokenized:
+    texts: list[str]  # one per id list of the request
+    seconds: float
+
+
 class PromptEncoder:
     def __init__(self, spec: PromptEncoderSpec):
         from tokenizers import Tokenizer
@@ -108,12 +115,16 @@ class PromptEncoder:
             ids = [bos] + ids
         return ids
 
-    def run(self, req: TokenizeRequest) -> PromptTokens:
+    def run(self, req: TokenizeRequest) -> PromptTokens | Detokenized:
         """Item i of `req.a` (a prompt string, or a list of chat turns for kind 'messages') ->
         its ids; a row whose template or tokenizer raises, or that is too long with
-        overflow='reject', is reported in `failed`, not fatal."""
-        assert req.kind in PROMPT_KINDS, f"kind must be one of {PROMPT_KINDS}, got {req.kind!r}"
+        overflow='reject', is reported in `failed`, not fatal. Kind 'detokenize': id lists ->
+        texts (`decode`)."""
         t0 = time.perf_counter()
+        if req.kind == DETOKENIZE:
+            return Detokenized(self.tokenizer.decode_batch([list(i) for i in req.a], skip_special_tokens=True),
+                               time.perf_counter() - t0)
+        assert req.kind in PROMPT_KINDS, f"kind must be one of {PROMPT_KINDS} or {DETOKENIZE!r}, got {req.kind!r}"
         limit, out, failed, truncated = self.spec.max_prompt_tokens, [], {}, set()
         for i, item in enumerate(req.a):
             try:

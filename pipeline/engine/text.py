@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.engine.modeldir import ModelInfo, TokenizerSettings, load_id_map
 from pipeline.engine.tokenizer import Encoded, WordPieceTokenizer, fit_pretokenized
 
-REQUEST_KINDS = ("pairs", "texts", "pretokenized", "prompts", "messages")  # the last two: engine/prompt_text.py
+REQUEST_KINDS = ("pairs", "texts", "pretokenized", "prompts", "messages", "detokenize")  # the last three: engine/prompt_text.py
 
 
 @dataclass(frozen=True)

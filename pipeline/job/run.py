@@ -67,7 +67,7 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
         feeder = ChunkFeeder(reader, pool, task, settings.max_seq_len,
                              depth=chunks_per_window + 2 * max(settings.workers, 1), skip=store.chunks)
         feeder.start()  # the workers boot and tokenize the first window while the predictor loads
-        with task.open_engine(model, settings, backend) as engine:
+        with task.open_engine(model, settings, backend, pool) as engine:
             timing.startup = time.perf_counter() - timing.started
             _score_windows(task, engine, feeder, store, settings, tally, cancel)
         t0 = time.perf_counter()
@@ -118,8 +118,11 @@ def _commit_window(task: Task, engine, store: RunStore, window: list[Item], chun
     tally.add_tokenized(results)
     rows, seqs = sum(len(it.chunk) for it in pending), sum(r.sequences for r in results) or 1
     by_rows = task.progress_unit == "rows"
-    out = task.process(engine, window, results, file_index, cancel,
-                       (lambda n: progress.update(n * rows / seqs)) if by_rows else progress.update)
+    try:
+        out = task.process(engine, window, results, file_index, cancel,
+                           (lambda n: progress.update(n * rows / seqs)) if by_rows else progress.update)
+    except BrokenProcessPool as e:  # a task that uses the pool itself (generation detokenizes there)
+        raise RunError(WORKER_DIED) from e
     t1 = time.perf_counter()
     tally.add_batches(out.stats)
     tally.rows_scored += out.table.num_rows

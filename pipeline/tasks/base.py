@@ -63,8 +63,9 @@ class Task(Protocol):
     def encoder_spec(self, model, settings):
         """The picklable tokenizer recipe its worker processes build (`.build().run(request)`)."""
 
-    def open_engine(self, model, settings, backend):
-        """The engine its `process` calls, as a context manager."""
+    def open_engine(self, model, settings, backend, pool):
+        """The engine its `process` calls, as a context manager (`pool`: the job's tokenizer
+        pool, which a task may also use, e.g. to detokenize)."""
 
     def prepare(self, chunk: Chunk, rejects: list[Reject], max_seq_len: int) -> Item: ...
 

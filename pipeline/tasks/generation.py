@@ -4,7 +4,8 @@ Per window (as for scoring: `pipeline.job` drives it):
   reader thread:  `prepare(chunk)` -> a prompts / messages `TokenizeRequest` (the workers render
                   the chat template, tokenize, apply the prompt limit);
   main thread:    `process` -> the generator (`engine.generator`) decodes the window's prompts
-                  in pre-padded batches; candidates are detokenized and, with `--rerank-model`,
+                  in pre-padded batches; each batch's candidates are detokenized in the tokenizer
+                  pool while the next batch decodes and, with `--rerank-model`,
                   re-scored by a scoring model; one committed row per prompt;
   at the end:     `finish` -> generations.jsonl, predictions.tsv, rejects.tsv and the metrics
                   (sacrebleu BLEU and chrF, rouge-score ROUGE-L) when references exist.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ import pyarrow as pa
 from pipeline.cancel import CancelToken
 from pipeline.engine.decoding_settings import STOP, Candidate
 from pipeline.engine.engine import BatchStats
-from pipeline.engine.prompt_text import PromptEncoderSpec
+from pipeline.engine.prompt_text import DETOKENIZE, PromptEncoderSpec
 from pipeline.engine.text import TokenizeRequest
 from pipeline.io.prompts import PromptReader
 from pipeline.io.rows import PromptChunk, Reject
@@ -74,9 +76,9 @@ def candidate_record(c: Candidate, text: str) -> dict:
     return rec
 
 
-def candidate_text(decode: Callable, c: Candidate) -> str:
-    """The candidate's text; a stop string and what follows it are cut (recorded in the record)."""
-    text = decode(c.token_ids)
+def candidate_text(text: str, c: Candidate) -> str:
+    """The candidate's text (its tokens detokenized); a stop string and what follows it are cut
+    (the record keeps which string it was)."""
     if c.finish_reason == STOP and c.stop_string:
         cut = text.find(c.stop_string)
         if cut >= 0:
@@ -85,12 +87,14 @@ def candidate_text(decode: Callable, c: Candidate) -> str:
 
 
 class GenerationRuntime:
-    """What `process` calls: the generator, a detokenizer, and the optional re-ranker."""
+    """What `process` calls: the generator, a detokenizer (the job's tokenizer pool when there is
+    one, else in-process), and the optional re-ranker."""
 
-    def __init__(self, model, settings, backend=None):
+    def __init__(self, model, settings, backend=None, pool=None):
         from pipeline.engine.generator import Generator
 
         g = settings.generation
+        self.pool = pool
         self.prompts = PromptEncoderSpec.of(model, g.max_prompt_tokens, g.prompt_overflow, g.chat).build()
         self.generator = Generator(model, settings.generator, backend)
         self.reranker = None
@@ -103,6 +107,16 @@ class GenerationRuntime:
 
     def decode(self, ids) -> str:
         return self.prompts.decode(ids)
+
+    def detokenize(self, id_lists: list) -> Future:
+        """A Future of the texts (`Detokenized`) of `id_lists`, from the pool's worker processes
+        (so the main thread goes on decoding the next batch meanwhile)."""
+        req = TokenizeRequest(DETOKENIZE, 0, [list(i) for i in id_lists])
+        if self.pool is not None and self.pool.workers > 0:
+            return self.pool.submit(req)
+        f: Future = Future()
+        f.set_result(self.prompts.run(req))
+        return f
 
     def close(self) -> None:
         self.generator.close()
@@ -141,8 +155,8 @@ class Generation:
         g = settings.generation
         return PromptEncoderSpec.of(model, g.max_prompt_tokens, g.prompt_overflow, g.chat)
 
-    def open_engine(self, model, settings, backend) -> GenerationRuntime:
-        return GenerationRuntime(model, settings, backend)
+    def open_engine(self, model, settings, backend, pool=None) -> GenerationRuntime:
+        return GenerationRuntime(model, settings, backend, pool)
 
     def prepare(self, chunk: PromptChunk, rejects: list[Reject], max_seq_len: int) -> Item:
         if chunk.messages is not None:
@@ -164,11 +178,23 @@ class Generation:
             where += [(k, i) for i in ok]
         decoding = engine.generator.settings.decoding
         decode = engine.decode if decoding.stop_strings else None
+        pending_texts = []  # per batch: (prompt indices, candidates per prompt, Future of the texts)
+
+        def detokenize(rows, out):
+            pending_texts.append((rows, [len(cs) for cs in out],
+                                  engine.detokenize([c.token_ids for cs in out for c in cs])))
+
         cands, stats = engine.generator.generate(prompts, keys, decode, cancel,
-                                                 on_batch=lambda rows, tokens: on_batch(tokens))
-        t0 = time.perf_counter()
-        texts = [[candidate_text(engine.decode, c) for c in cs] for cs in cands]
-        detok_s = time.perf_counter() - t0
+                                                 on_batch=lambda rows, tokens: on_batch(tokens),
+                                                 on_candidates=detokenize)
+        texts: list = [None] * len(cands)
+        detok_s = 0.0
+        for rows, counts, future in pending_texts:
+            done = future.result()
+            detok_s += done.seconds
+            flat = iter(done.texts)
+            for r, n in zip(rows.tolist(), counts):
+                texts[r] = [candidate_text(next(flat), c) for c in cands[r]] if n else []
         rerank = self._rerank(engine, pending, where, texts, cancel)
         table, per_file = self._table(pending, prompts, where, cands, texts, rerank, file_index)
         counters = {

@@ -68,7 +68,7 @@ class _Scoring:
     def encoder_spec(self, model, settings) -> TextEncoderSpec:
         return TextEncoderSpec.of(model)
 
-    def open_engine(self, model, settings, backend) -> Engine:
+    def open_engine(self, model, settings, backend, pool=None) -> Engine:
         return Engine(model, settings.engine, backend)
 
     def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
