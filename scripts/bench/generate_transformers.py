@@ -17,7 +17,8 @@ Run by scripts/bench_generate.py in `.venv-bench` (torch 2.13 CPU + transformers
   after one untimed warm-up batch; generated tokens are counted per row up to and including the
   first EOS (as our pipeline counts them).
 
-Writes per order: tokens, seconds, tokens/s, CPU seconds, and the generated ids per prompt (input
+With --prefill-split, the sorted batches are also run with max_new_tokens=1 (the prompt pass
+alone), for the prefill / decode split. Writes per order: tokens, seconds, tokens/s, CPU seconds, and the generated ids per prompt (input
 order) for the agreement check done by bench_generate.py.
 """
 
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--orders", nargs="+", default=["unsorted", "sorted"], choices=["unsorted", "sorted"])
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | eager)")
+    ap.add_argument("--prefill-split", action="store_true",
+                    help="also time the sorted batches with max_new_tokens=1 (the prompt pass alone)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     out: dict = {"python": platform.python_version()}
@@ -95,7 +98,7 @@ def main() -> None:
                 idx.sort(key=lambda i: -len(prompts[i]))
             return [idx[i:i + args.batch] for i in range(0, len(idx), args.batch)]
 
-        def run_batch(rows):
+        def run_batch(rows, new_tokens=M):
             L = max(len(prompts[i]) for i in rows)
             ids = torch.full((len(rows), L), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), L), dtype=torch.long)
@@ -104,7 +107,7 @@ def main() -> None:
                 ids[b, L - len(p):] = torch.tensor(p)
                 mask[b, L - len(p):] = 1
             with torch.inference_mode():
-                seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=M, do_sample=False,
+                seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                      num_beams=1, eos_token_id=eos, pad_token_id=pad, temperature=None, top_p=None,
                                      top_k=None)
             return [trim(r, eos) for r in seq[:, L:].tolist()], L * len(rows), sum(len(prompts[i]) for i in rows)
@@ -128,6 +131,13 @@ def main() -> None:
                 "cpu_seconds": round((c1.user + c1.system) - (c0.user + c0.system), 2),
                 "prompt_padding": round(padded / real - 1, 4), "batches": len(batches(order)), "generated": gen}
             print(f"transformers {order}: {n} tokens in {wall:.1f} s = {n / wall:.1f} tokens/s", flush=True)
+        if args.prefill_split:
+            # The same sorted batches with max_new_tokens=1: the prompt pass (+ one head and argmax)
+            # alone, so that the decode share is the sorted total minus this.
+            t0 = time.perf_counter()
+            for rows in batches("sorted"):
+                run_batch(rows, 1)
+            out["sorted_prefill_only_seconds"] = round(time.perf_counter() - t0, 3)
     except Exception as e:  # noqa: BLE001 - recorded, not hidden
         out["error"] = f"{type(e).__name__}: {e}"
         out["traceback"] = traceback.format_exc()[-3000:]
