@@ -140,6 +140,7 @@ class DecoderPredictor:
 
         self.max_batch, self.max_len, self.block, self.feed = max_batch, max_len, block, feed
         self.group_prefill, self.prefill_call_tokens = group_prefill, prefill_call_tokens
+        self.prefill_tokens = 0  # prompt columns x rows the prefill calls computed, summed
         size = max_batch * self.kv_heads * max_len * self.head_dim
         # One flat buffer per layer and kind (key, value), viewed as [B, KV, capacity, D].
         self._flat = [np.zeros(size, np.float32) for _ in range(2 * self.num_layers)]
@@ -255,6 +256,7 @@ class DecoderPredictor:
                                           (np.int64, np.int64, np.float32)):
                 self._feed(handle, arr[:, part] if whole else arr[rows, part], dtype)
             self._prefill.run()
+            self.prefill_tokens += len(rows) * cols
             out = self._pre_out[0].copy_to_cpu()
             if logits is None:
                 logits = np.empty((B,) + out.shape[1:], out.dtype)

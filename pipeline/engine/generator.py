@@ -57,6 +57,7 @@ class GenerationStats(DecodeStats):
     seconds: float = 0.0  # wall time of the generate calls
     prefill_seconds: float = 0.0  # summed over streams
     step_seconds: float = 0.0  # summed over streams
+    prefill_tokens: int = 0  # prompt tokens the prefill calls computed (grouped prefill: less than the padded batches)
 
     def add(self, other: DecodeStats) -> None:
         for f in fields(other):
@@ -126,11 +127,14 @@ class Generator:
             cancel.check()
         model = self._free.get()
         try:
+            before = getattr(model, "prefill_tokens", None)
             timed, stats = _Timed(model), DecodeStats()
             padded = left_pad(prompts, batch.rows, batch.prompt_len, self.settings.decoding.pad_token_id)
             out = decode_batch(timed, padded, self.settings.decoding, [keys[int(i)] for i in batch.rows], decode,
                                stats)
-            return out, stats, timed.prefill_seconds, timed.step_seconds
+            # A model that does not count its prefill work (a test double) computes the padded batch.
+            computed = stats.padded_prompt_tokens if before is None else model.prefill_tokens - before
+            return out, stats, timed.prefill_seconds, timed.step_seconds, computed
         finally:
             self._free.put(model)
 
@@ -160,11 +164,12 @@ class Generator:
             futures = [self._pool.submit(self._run_batch, prompts, b, keys, decode, cancel) for b in batches]
             done = (f.result() for f in futures)
         try:
-            for batch, (out, st, pre_s, step_s) in zip(batches, done):
+            for batch, (out, st, pre_s, step_s, computed) in zip(batches, done):
                 results.append(out)
                 stats.add(st)
                 stats.prefill_seconds += pre_s
                 stats.step_seconds += step_s
+                stats.prefill_tokens += computed
                 if on_candidates is not None:
                     on_candidates(batch.rows, out)
                 if on_batch is not None:

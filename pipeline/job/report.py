@@ -139,8 +139,10 @@ def _generation_report(model, settings_dict: dict, files: list[Path], rows_read:
         "tokens": {
             "prompts": tally.sequences,
             "prompt": tally.tokens,
-            "prompt_padded": tally.padded_tokens,
+            "prompt_padded": tally.padded_tokens,  # the batches' left-padded layout (what the cache holds)
             "padding_overhead": (tally.padded_tokens / tally.tokens - 1.0) if tally.tokens else 0.0,
+            "prefill_computed": int(c("prefill_tokens")),  # what the grouped prefill calls computed
+            "prefill_overhead": (c("prefill_tokens") / tally.tokens - 1.0) if tally.tokens else 0.0,
             "prompts_truncated": tally.truncated_pretokenized,
             "generated": generated,
             "generated_best": int(c("generated_tokens_best")),
@@ -177,8 +179,9 @@ def _format_generation_summary(report: dict, out_dir: Path) -> str:
     lines = [
         f"model      {report['model']['name']} (generate, {report['model']['precision']})",
         f"rows       read {r['read']}  generated {r['generated']}  rejected {r['rejected']}",
-        f"prompts    {t['prompt']} tokens, {t['prompt_padded']} padded (+{100 * t['padding_overhead']:.1f}%), "
-        f"{t['prompts_truncated']} truncated, {t['batches']} batches",
+        f"prompts    {t['prompt']} tokens in {t['batches']} batches, {t['prompt_padded']} with left padding "
+        f"(+{100 * t['padding_overhead']:.1f}%), prefill computed {t['prefill_computed']} "
+        f"(+{100 * t['prefill_overhead']:.1f}%), {t['prompts_truncated']} truncated",
         f"generated  {t['generated']} tokens in {t['candidates']} candidates, {t['decode_steps']} decode steps",
         "seconds    " + "  ".join(f"{k} {v:.2f}" for k, v in s.items()),
         f"speed      {report['generated_tokens_per_second']:.1f} generated tokens/s, "

@@ -203,6 +203,7 @@ class Generation:
             "candidates": sum(len(cs) for cs in cands), "step_calls": stats.step_calls,
             "row_steps": stats.row_steps, "selects": stats.selects, "prefill_seconds": stats.prefill_seconds,
             "step_seconds": stats.step_seconds, "detokenize_seconds": detok_s,
+            "prefill_tokens": stats.prefill_tokens,
             "rerank_seconds": rerank[1] if rerank else 0.0,
         }
         batch_stats = BatchStats(sequences=stats.prompts, tokens=stats.prompt_tokens,

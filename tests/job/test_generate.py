@@ -80,7 +80,9 @@ def test_outputs_layout_accounting_and_metrics(tiny_decoder_dir, prompts, tmp_pa
         assert g["references"] and g["prompt_tokens"] >= 1
     pred = (out / "predictions.tsv").read_text().splitlines()
     assert pred[0] == "id\tprediction" and [p.split("\t")[0] for p in pred[1:]] == list(gens)
-    assert report["tokens"]["generated"] == sum(g["candidates"][0]["num_tokens"] for g in gens.values())
+    t = report["tokens"]
+    assert t["generated"] == sum(g["candidates"][0]["num_tokens"] for g in gens.values())
+    assert t["prompt"] == sum(g["prompt_tokens"] for g in gens.values()) <= t["prefill_computed"] <= t["prompt_padded"]
     m = report["metrics"]
     assert m["rows_with_reference"] == 30 and set(m) >= {"bleu", "chrf", "rouge_l"}
     assert report["task"] == "generate" and report["model"]["checksum"] == info.checksum
