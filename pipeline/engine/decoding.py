@@ -11,16 +11,17 @@ predictor, the dynamic-graph `DecoderForCausalLM` or a numpy toy model in the te
 - `select(rows)`: the cache keeps row `rows[i]` as its new row i. Rows may repeat (beams that
   share a parent, samples of one prompt) and may be left out (finished rows, done prompts).
 
-Finished rows stop costing compute by being dropped: before the next step, `select` keeps only
-the rows that continue. Chosen over refilling a finished row's slot with the next prompt because
-pre-padding puts every row's next token in the same column: a newcomer would need its own
-prefill and a cache whose rows start at different columns, so masks and positions per row, and a
-model interface beyond three calls. Dropping needs nothing from the model but a row gather of
-its cache, which beam search needs every step anyway; it costs one gather on a step where some
-row finished (none on the other steps), and a batch runs for as long as its longest row, with
-fewer rows as rows finish. `DecodingSettings.drop_finished=False` keeps the batch at full size
-(finished rows fed padding, their outputs ignored) to measure the difference and to test that
-dropping changes no result.
+Finished rows stop costing compute by being dropped: `select` keeps only the rows that
+continue. Chosen over refilling a finished row's slot with the next prompt because pre-padding
+puts every row's next token in the same column: a newcomer would need its own prefill and a
+cache whose rows start at different columns, so masks and positions per row, and a model
+interface beyond three calls. Dropping needs nothing from the model but a row gather of its
+cache, which beam search needs every step anyway. The gather copies every layer's live columns
+(SmolLM2, batch 32, 150 columns: about 220 MB), so it is done lazily (`_Batch`): finished rows
+stay in place, fed padding and ignored, until a quarter of the batch has finished, and then one
+gather drops them all. A batch runs for as long as its longest row, with fewer rows as rows
+finish. `DecodingSettings.drop_finished=False` never drops a row (finished rows fed padding to
+the end), to measure the difference and to test that dropping changes no result.
 
 Strategies, as Hugging Face's `generate` defines them:
 - greedy: argmax of the logits;
@@ -109,13 +110,22 @@ def _stop_hit(decode: Callable[[Sequence[int]], str], stops: tuple[str, ...], to
 
 
 class _Batch:
-    """The model's rows as its cache holds them: the mask and next positions of each, and the
-    calls that move them (select, then step)."""
+    """The model's rows as its cache holds them: the mask and next positions of each, which cache
+    row each logical row (the caller's numbering) lives in, and the calls that move them.
+
+    Compaction is lazy: gathering the cache (`select`) copies every layer's live columns, so a
+    few finished rows are kept in place, fed padding and their outputs ignored, until at least
+    COMPACT_FRACTION of the cache rows are finished; then one `select` drops them all. Repeated
+    parents (beams, samples of one prompt) always need a `select`. Without drop_finished, rows
+    are only ever gathered for repeats, and finished ones stay in place to the end."""
+
+    COMPACT_FRACTION = 0.25
 
     def __init__(self, model: StepModel, prompts: PaddedPrompts, s: DecodingSettings, stats: DecodeStats):
         self.model, self.s, self.stats = model, s, stats
         self.mask = prompts.attention_mask.astype(np.int64)
         self.next_pos = prompts.position_ids[:, -1].astype(np.int64) + 1
+        self.phys = np.arange(len(self.mask))  # logical row i -> its cache row
 
     def prefill(self, prompts: PaddedPrompts) -> np.ndarray:
         logits = np.asarray(self.model.prefill(prompts.input_ids, prompts.position_ids, self.mask))
@@ -123,28 +133,36 @@ class _Batch:
         return logits
 
     def advance(self, parents: np.ndarray, tokens: np.ndarray, width: int) -> np.ndarray:
-        """Continue cache rows `parents` (repeats allowed) with one token each; their logits.
-
-        Without drop_finished, the batch is kept at `width` rows with filler rows (row 0 of the
-        cache, fed padding) whose outputs are discarded."""
+        """Continue logical rows `parents` (repeats allowed) with one token each; their logits,
+        in the order of `parents`, which become logical rows 0..len(parents)-1. Without
+        drop_finished a gather keeps the batch at `width` rows (filler rows fed padding)."""
         n = len(parents)
-        parents = np.asarray(parents, dtype=np.int64)
+        phys = self.phys[np.asarray(parents, dtype=np.int64)]
         tokens = np.asarray(tokens, dtype=np.int64)
-        if not self.s.drop_finished and n < width:
-            parents = np.concatenate([parents, np.zeros(width - n, np.int64)])
-            tokens = np.concatenate([tokens, np.full(width - n, self.s.pad_token_id, np.int64)])
         rows = len(self.mask)
-        if len(parents) != rows or not np.array_equal(parents, np.arange(rows)):
-            self.model.select(parents)
-            self.mask, self.next_pos = self.mask[parents], self.next_pos[parents]
+        repeats = len(np.unique(phys)) != n
+        dead = rows - n
+        if repeats or (self.s.drop_finished and dead and dead >= self.COMPACT_FRACTION * rows):
+            keep = phys
+            if not self.s.drop_finished and n < width:
+                keep = np.concatenate([phys, np.full(width - n, phys[0], np.int64)])
+            self.model.select(keep)
+            self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
             self.stats.selects += 1
-        self.mask = np.concatenate([self.mask, np.ones((len(parents), 1), np.int64)], axis=1)
-        logits = np.asarray(self.model.step(tokens[:, None], self.next_pos[:, None].copy(), self.mask))
-        assert logits.ndim == 2 and logits.shape[0] == len(parents), f"step returned {logits.shape}"
+            phys = np.arange(n)
+            feed = np.full(len(keep), self.s.pad_token_id, np.int64)
+            feed[:n] = tokens
+        else:  # rows stay where they are; finished ones are fed padding
+            feed = np.full(rows, self.s.pad_token_id, np.int64)
+            feed[phys] = tokens
+        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
+        logits = np.asarray(self.model.step(feed[:, None], self.next_pos[:, None].copy(), self.mask))
+        assert logits.ndim == 2 and logits.shape[0] == len(self.mask), f"step returned {logits.shape}"
         self.next_pos = self.next_pos + 1
+        self.phys = phys
         self.stats.step_calls += 1
-        self.stats.row_steps += len(parents)
-        return logits[:n]
+        self.stats.row_steps += len(self.mask)
+        return logits[phys]
 
 
 # ----------------------------------------------------------------------------- greedy and sampling
