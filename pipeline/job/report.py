@@ -11,7 +11,6 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.engine.engine import BatchStats
-from pipeline.engine.modeldir import ModelInfo
 from pipeline.engine.text import TokenizeResult
 
 
@@ -61,24 +60,30 @@ class Timing:
     rank: float = 0.0
 
 
+def _head(timing: Timing, sessions: int, files: list[Path], task: str | None = None) -> dict:
+    """The fields every report.json starts with (`task` only for tasks other than scoring)."""
+    return {"pipeline_version": __version__, **({"task": task} if task else {}), "started_at": timing.started_at,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sessions": sessions,
+            "inputs": [str(f) for f in files]}
+
+
+def _per_file(files: list[Path], rows_read: dict[str, int], tally: Tally, done_key: str) -> list[dict]:
+    out = []
+    for f in files:
+        t = tally.per_file.get(str(f), {"scored": 0, "rejected": 0})
+        out.append({"file": str(f), "rows_read": rows_read[str(f)], done_key: t["scored"], "rows_rejected": t["rejected"]})
+    return out
+
+
 def build_report(task: str, model, settings_dict: dict, files: list[Path], rows_read: dict[str, int],
                  tally: Tally, metrics: dict | None, timing: Timing, sessions: int) -> dict:
     if task == "generate":
         return _generation_report(model, settings_dict, files, rows_read, tally, metrics, timing, sessions)
-    per_file = []
-    for f in files:
-        name = str(f)
-        t = tally.per_file.get(name, {"scored": 0, "rejected": 0})
-        per_file.append({"file": name, "rows_read": rows_read[name], "rows_scored": t["scored"],
-                         "rows_rejected": t["rejected"]})
+    per_file = _per_file(files, rows_read, tally, "rows_scored")
     total_s = time.perf_counter() - timing.started
     processing_s = total_s - timing.startup
     return {
-        "pipeline_version": __version__,
-        "started_at": timing.started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "sessions": sessions,
-        "inputs": [str(f) for f in files],
+        **_head(timing, sessions, files),
         "rows": {"read": sum(p["rows_read"] for p in per_file), "scored": tally.rows_scored,
                  "rejected": tally.rows_rejected},
         "files": per_file,
@@ -118,21 +123,12 @@ def _generation_report(model, settings_dict: dict, files: list[Path], rows_read:
     """report.json of a generation run: rows, prompt and generated tokens, padding, stage
     seconds, speed, settings, model, metrics."""
     c = lambda k: tally.counters.get(k, 0)  # noqa: E731
-    per_file = []
-    for f in files:
-        t = tally.per_file.get(str(f), {"scored": 0, "rejected": 0})
-        per_file.append({"file": str(f), "rows_read": rows_read[str(f)], "rows_generated": t["scored"],
-                         "rows_rejected": t["rejected"]})
+    per_file = _per_file(files, rows_read, tally, "rows_generated")
     total_s = time.perf_counter() - timing.started
     processing_s = total_s - timing.startup
     generated = int(c("generated_tokens"))
     return {
-        "pipeline_version": __version__,
-        "task": "generate",
-        "started_at": timing.started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "sessions": sessions,
-        "inputs": [str(f) for f in files],
+        **_head(timing, sessions, files, task="generate"),
         "rows": {"read": sum(p["rows_read"] for p in per_file), "generated": tally.rows_scored,
                  "rejected": tally.rows_rejected},
         "files": per_file,
