@@ -249,17 +249,22 @@ def cancel_on_signals() -> Iterator[CancelToken]:
             signal.signal(sig, handler)
 
 
+def _job_fields(args) -> dict:
+    """The RunConfig fields `run` and `generate` share, from their flags."""
+    return dict(inputs=tuple(args.inputs), model=args.model, out_dir=args.out, columns=_columns(args),
+                max_batch_size=args.max_batch_size, workers=args.workers, threads=args.threads, streams=args.streams,
+                chunk_rows=args.chunk_rows, window_rows=args.window_rows, progress=args.progress, resume=args.resume,
+                restart=args.restart)
+
+
 def _run(args) -> int:
     from pipeline.job.report import format_summary
     from pipeline.job.run import run
 
     cfg = RunConfig(
-        inputs=tuple(args.inputs), model=args.model, out_dir=args.out, mode=args.mode, max_seq_len=args.max_seq_len,
-        columns=_columns(args),
-        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, pad_multiple=args.pad_multiple, device=args.device, precision=args.precision,
-        tensorrt=args.tensorrt, trt_varlen=args.trt_varlen, workers=args.workers,
-        threads=args.threads, streams=args.streams, chunk_rows=args.chunk_rows, window_rows=args.window_rows,
-        progress=args.progress, run_tag=args.run_tag, resume=args.resume, restart=args.restart,
+        **_job_fields(args), mode=args.mode, max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens,
+        pad_multiple=args.pad_multiple, device=args.device, precision=args.precision, tensorrt=args.tensorrt,
+        trt_varlen=args.trt_varlen, run_tag=args.run_tag,
     )
     info = load_model_info(cfg.model) if cfg.model else default_model()
     with cancel_on_signals() as cancel:
@@ -284,11 +289,7 @@ def _generate(args) -> int:
         stop_strings=tuple(args.stop_strings), drop_finished=not args.keep_finished,
         max_prompt_tokens=args.max_prompt_tokens, prompt_overflow=args.prompt_overflow, chat=args.chat,
         max_cache_mb=args.max_cache_mb, rerank_model=args.rerank_model)
-    cfg = RunConfig(
-        inputs=tuple(args.inputs), model=args.model, out_dir=args.out, mode="generate", columns=_columns(args),
-        max_batch_size=args.max_batch_size, workers=args.workers, threads=args.threads, streams=args.streams,
-        chunk_rows=args.chunk_rows, window_rows=args.window_rows, progress=args.progress, resume=args.resume,
-        restart=args.restart, generation=gen)
+    cfg = RunConfig(**_job_fields(args), mode="generate", generation=gen)
     info = load_model_info(cfg.model) if cfg.model else default_generation_model()
     with cancel_on_signals() as cancel:
         report = run(cfg, info, cancel)

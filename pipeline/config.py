@@ -178,17 +178,9 @@ def resolve(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> Settings:
     # Tensor cores want sequence lengths in multiples of 8; on the CPU every padded token costs.
     pad_multiple = cfg.pad_multiple if cfg.pad_multiple is not None else (8 if cfg.device == "gpu" else 1)
     max_seq_len = _check_lengths(cfg, info, pad_multiple)
-    for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--pad-multiple", pad_multiple, 1),
-                             ("--chunk-rows", cfg.chunk_rows, 1),
-                             ("--window-rows", cfg.window_rows, 1)):
-        if value < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value}")
-    if cfg.resume and cfg.restart:
-        raise ConfigError("--resume and --restart exclude each other")
-    workers, threads, streams = _parallelism(cfg)
-    import sys
-
-    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    if pad_multiple < 1:
+        raise ConfigError(f"--pad-multiple must be >= 1, got {pad_multiple}")
+    workers, threads, streams, progress = _run_shape(cfg)
     return Settings(
         mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
         max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=cfg.precision,
@@ -237,25 +229,32 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
                GenerationBudget(kv_spec(info), max_cache_bytes, cfg.max_batch_size, max_positions=info.max_seq_len))
     if g.rerank_model is not None and not Path(g.rerank_model).is_dir():
         raise ConfigError(f"--rerank-model {g.rerank_model} is not a directory (a scoring model from `convert`)")
-    for name, value in (("--chunk-rows", cfg.chunk_rows), ("--window-rows", cfg.window_rows)):
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    if cfg.resume and cfg.restart:
-        raise ConfigError("--resume and --restart exclude each other")
-    workers, threads, streams = _parallelism(cfg)
-    import sys
-
+    workers, threads, streams, progress = _run_shape(cfg)
     return Settings(
         mode=mode, max_seq_len=g.max_prompt_tokens + g.max_new_tokens, max_batch_tokens=0,
         max_batch_size=cfg.max_batch_size, pad_multiple=1, device="cpu", precision="fp32", tensorrt=False,
         trt_varlen=False, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
         window_rows=max(cfg.window_rows, cfg.chunk_rows),
-        progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress, run_tag=cfg.run_tag,
+        progress=progress, run_tag=cfg.run_tag,
         generation=GenerationSettings(decoding=decoding, max_prompt_tokens=g.max_prompt_tokens,
                                       prompt_overflow=g.prompt_overflow, chat=g.chat, max_cache_bytes=max_cache_bytes,
                                       max_batch_rows=cfg.max_batch_size,
                                       rerank_model=None if g.rerank_model is None else str(Path(g.rerank_model).resolve())),
     )
+
+
+def _run_shape(cfg: RunConfig) -> tuple[int, int, int, bool]:
+    """What every task checks alike: batch, chunk and window sizes, resume flags; returns
+    (workers, threads, streams, progress)."""
+    for name, value in (("--max-batch-size", cfg.max_batch_size), ("--chunk-rows", cfg.chunk_rows),
+                        ("--window-rows", cfg.window_rows)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if cfg.resume and cfg.restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    import sys
+
+    return (*_parallelism(cfg), sys.stderr.isatty() if cfg.progress is None else cfg.progress)
 
 
 def _check_task(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> str:

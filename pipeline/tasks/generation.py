@@ -171,8 +171,7 @@ class Generation:
         for k, (it, res) in enumerate(pending):
             c = it.chunk
             ok = [i for i in range(len(c)) if i not in res.failed]
-            rejects += [Reject(c.file, int(c.line[i]), int(c.row[i]), res.failed[i], c.id[i])
-                        for i in range(len(c)) if i in res.failed]
+            rejects += [Reject(c.file, int(c.line[i]), int(c.row[i]), why, c.id[i]) for i, why in res.failed.items()]
             prompts += res.ids
             keys += [c.id[i] for i in ok]
             where += [(k, i) for i in ok]
