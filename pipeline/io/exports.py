@@ -3,7 +3,11 @@
 - `predictions.tsv`: `qid \\t label \\t score` per scored pair, in input order (competition layout).
 - `rejects.tsv`: `file, line, row, qid, doc_id, reason` per rejected row, in input order.
 - `ranked.tsv`: `qid, doc_id, rank, score`, per qid by descending score (ties by doc_id).
-- `run.trec`: the same ranking as a TREC run file.
+- `run.trec`: the same ranking as a TREC run file. Its fields are separated by spaces, so an id
+  that holds whitespace or `%` is written percent-encoded there (`trec_id`: each such character
+  becomes `%XX` per UTF-8 byte, as in a URL; `a b` -> `a%20b`, `50%` -> `50%25`); every other
+  file holds ids as read. The rows so written are counted (`trec_escaped_rows` in report.json)
+  and the CLI warns about them.
 
 They are written into the store's `.partial/` folder; `RunStore.publish` moves them into OUT.
 
@@ -23,6 +27,7 @@ ever happens, everything is redone with exact string keys.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +40,7 @@ from pipeline.io.store import REJECT_COLUMNS, RunStore
 from pipeline.memory import release_free_memory
 from pipeline.ranking import RankingMetrics, combine_metrics, rank_per_query, ranking_metrics
 
-__all__ = ["QUERIES_PER_BUCKET", "RANKING_COLUMNS", "format_label", "format_score", "write_ranking_outputs"]
+__all__ = ["QUERIES_PER_BUCKET", "RANKING_COLUMNS", "format_label", "format_score", "trec_id", "write_ranking_outputs"]
 
 QUERIES_PER_BUCKET = 4096
 RANKING_COLUMNS = ("qid", "doc_id", "label", "score")  # what the committed table must hold
@@ -47,6 +52,25 @@ _BUCKET_SCHEMA = pa.schema([("code", pa.int64()), ("qid", pa.string()), ("doc_id
 def format_score(x: float) -> str:
     """Full precision: the shortest text that reads back as the same double."""
     return repr(float(x))
+
+
+_TREC_UNSAFE = re.compile(r"[%\s]")  # \s: every Unicode whitespace, as str.split() splits on
+
+
+def trec_id(value: str) -> str:
+    """`value` as run.trec holds it: whitespace and `%` percent-encoded (UTF-8 bytes), the rest
+    as is, so `urllib.parse.unquote(trec_id(v)) == v` for every id."""
+    if not _TREC_UNSAFE.search(value):
+        return value
+    return _TREC_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), value)
+
+
+def _trec_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """trec_id of each id, and which ones it changed; one regex scan when none needs it."""
+    if not _TREC_UNSAFE.search("".join(ids.tolist())):
+        return ids, np.zeros(len(ids), dtype=bool)
+    out = np.array([trec_id(v) for v in ids.tolist()], dtype=object)
+    return out, out != ids
 
 
 def format_label(x: float) -> str:
@@ -132,6 +156,7 @@ def write_ranking_outputs(store: RunStore, tag: str, labelled: bool, cancel: Can
 def _rank_all(store: RunStore, tag: str, labelled: bool, cancel: CancelToken, per_bucket: int,
               first_seen) -> RankingMetrics | None:
     store.rank_seconds = 0.0
+    store.trec_escaped_rows = 0
     scratch = store.partial / SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
@@ -239,8 +264,9 @@ def _rank_bucket(store: RunStore, rows: pa.Table, ranked, trec, tag: str, labell
     store.rank_seconds += time.perf_counter() - t0
     out = [(qid[i], doc[i], rank[i], format_score(score[i])) for i in order]
     ranked.write("".join(f"{q}\t{d}\t{r}\t{s}\n" for q, d, r, s in out))
-    # TREC fields are space-separated: spaces inside ids would shift columns.
-    trec.write("".join(f"{q.replace(' ', '_')} Q0 {d.replace(' ', '_')} {r} {s} {tag}\n" for q, d, r, s in out))
+    (trec_q, q_changed), (trec_d, d_changed) = _trec_ids(qid), _trec_ids(doc)
+    store.trec_escaped_rows += int((q_changed | d_changed).sum())
+    trec.write("".join(f"{trec_q[i]} Q0 {trec_d[i]} {rank[i]} {s} {tag}\n" for i, (_, _, _, s) in zip(order, out)))
     if not labelled or np.all(np.isnan(label)):
         return None
     t0 = time.perf_counter()

@@ -1,9 +1,14 @@
 """Record validation (no paddle): raw values -> accepted rows and rejects, duplicates found.
 
-A record is rejected, with a reason naming the field, when an id is missing, empty or not a
-string or integer, a text is missing or blank, token ids are not a list of non-negative int64s
-(or the two lists differ in length), the label is not a finite number, any of them holds a NUL,
-or its (qid, doc_id) pair was accepted before. The first accepted occurrence of a pair wins.
+A record is rejected, with a reason naming the field, when an id is missing, empty, not a
+string or integer, or holds a tab or a line break (no TSV output could hold it), a text is
+missing or blank, token ids are not a list of non-negative int64s (or the two lists differ in
+length), the label is not a finite number, any of them holds a NUL, or its (qid, doc_id) pair
+was accepted before. The first accepted occurrence of a pair wins.
+
+An empty or missing label (an empty cell, JSON null or an absent key, a Parquet null) is not
+an error: the pair is unjudged, the usual case in a reranking run. It is scored and ranked with
+label NaN, and the metrics treat it as trec_eval treats a document missing from the qrels.
 
 Duplicates are found by `pair_key`, a stable 64-bit hash of the pair: the same value in every
 process, run and machine, so shards read in different processes can compare their pairs.
@@ -15,7 +20,7 @@ import json
 import math
 from collections.abc import Sequence
 from hashlib import blake2b
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -49,6 +54,8 @@ def _identifier(value: Any, name: str) -> str:
         raise RowError(f"empty id in field '{name}'")
     if "\x00" in s:
         raise RowError(f"NUL byte in field '{name}'")
+    if "\t" in s or "\n" in s or "\r" in s:
+        raise RowError(f"field '{name}' holds a tab or a line break, which the TSV outputs cannot hold")
     return s
 
 
@@ -99,15 +106,14 @@ def _token_pair(input_ids: Any, token_type_ids: Any, c: ColumnMap) -> tuple[list
 
 
 def _label(value: Any, name: str) -> float:
-    if value is None:
-        raise RowError(f"missing field '{name}'")
+    """A finite number, or NaN for an unjudged pair (empty cell, JSON null or absent key, Parquet null)."""
+    if value is None or (type(value) is str and not value.strip()):
+        return math.nan
     if type(value) is bool:  # float(True) would pass silently
         raise RowError(f"{name} {_show(value)} is not a number")
     try:
         x = float(value)
     except (TypeError, ValueError, OverflowError):
-        if type(value) is str and not value.strip():
-            raise RowError(f"empty {name}") from None
         raise RowError(f"{name} {_show(value)} is not a number") from None
     if not math.isfinite(x):
         raise RowError(f"{name} {_show(value)} is not a finite number")
@@ -180,6 +186,17 @@ class SeenPairs:
 
 # ----------------------------------------------------------------------------- batches
 
+
+class KnownIdsReject(NamedTuple):
+    """A record rejected by its producer after its ids were read (e.g. a reranking candidate
+    whose document is not in the corpus): the reject keeps the ids. A record is either a tuple
+    of raw values, a reason (str), or one of these."""
+
+    reason: str
+    qid: str
+    doc_id: str
+
+
 # The accepted rows of a batch, column by column: rows, lines, qids, doc_ids, firsts (query texts
 # or input_ids), seconds (doc texts or token_type_ids), labels.
 _Columns = tuple[list[int], list[int], list[str], list[str], list, list, list[float]]
@@ -221,8 +238,11 @@ class Validator:
         row = self.next_row - 1
         for line, record in records:
             row += 1
-            if type(record) is str:
-                rejects.append(Reject(file, line, row, record))
+            if type(record) is not tuple:  # rejected before its values could be checked
+                if type(record) is str:
+                    rejects.append(Reject(file, line, row, record))
+                else:
+                    rejects.append(Reject(file, line, row, record.reason, record.qid, record.doc_id))
                 continue
             if labelled:
                 qid, doc_id, first, second, label = record

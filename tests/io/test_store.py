@@ -15,17 +15,20 @@ import re
 import subprocess
 import sys
 import textwrap
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.cancel import CancelToken, Cancelled
 from pipeline.config import REPO_ROOT
 from pipeline.io import exports
-from pipeline.io.exports import write_ranking_outputs
+from pipeline.io.exports import trec_id, write_ranking_outputs
 from pipeline.io.reader import Reject
 from pipeline.io.store import FILES, MANIFEST, PARTIAL, ResumeError, RunStore
 from pipeline.ranking import ranking_metrics
@@ -77,6 +80,11 @@ def ref_label(x: float) -> str:
     return "" if math.isnan(x) else str(int(x)) if x == int(x) else repr(x)
 
 
+def ref_trec_id(s: str) -> str:
+    """run.trec's documented escaping: whitespace and % percent-encoded, UTF-8 bytes."""
+    return "".join(urllib.parse.quote(c, safe="") if c.isspace() or c == "%" else c for c in s)
+
+
 def reference(windows: list, tag: str = "tag") -> dict[str, str]:
     """The four result files, written with pandas and plain loops."""
     rows = [r for w, _ in windows for r in w]
@@ -90,7 +98,7 @@ def reference(windows: list, tag: str = "tag") -> dict[str, str]:
     df["rank"] = df.groupby("first_seen").cumcount() + 1
     out["ranked.tsv"] = "qid\tdoc_id\trank\tscore\n" + "".join(
         f"{q}\t{d}\t{r}\t{s!r}\n" for q, d, r, s in zip(df["qid"], df["doc_id"], df["rank"], df["score"]))
-    out["run.trec"] = "".join(f"{q.replace(' ', '_')} Q0 {d.replace(' ', '_')} {r} {s!r} {tag}\n"
+    out["run.trec"] = "".join(f"{ref_trec_id(q)} Q0 {ref_trec_id(d)} {r} {s!r} {tag}\n"
                               for q, d, r, s in zip(df["qid"], df["doc_id"], df["rank"], df["score"]))
     out["rejects.tsv"] = "file\tline\trow\tqid\tdoc_id\treason\n" + "".join(
         "\t".join([ref_clean(r.file), str(r.line), str(r.row), ref_clean(r.qid), ref_clean(r.doc_id),
@@ -134,9 +142,9 @@ FIXTURE = {
     "ranked.tsv": "qid\tdoc_id\trank\tscore\nq1\ta\t1\t0.5\nq1\td 1\t2\t0.5\nq1\tc\t3\t0.3333333333333333\n"
                   "q2\tc\t1\t1e-300\nq2\ta\t2\t0.0\nq2\tb\t3\t-0.0\nq 3\tx y\t1\tinf\nq 3\tx y\t2\t2.5\n"
                   "q 4\té\t1\t-inf\n",
-    "run.trec": "q1 Q0 a 1 0.5 tag\nq1 Q0 d_1 2 0.5 tag\nq1 Q0 c 3 0.3333333333333333 tag\nq2 Q0 c 1 1e-300 tag\n"
-                "q2 Q0 a 2 0.0 tag\nq2 Q0 b 3 -0.0 tag\nq_3 Q0 x_y 1 inf tag\nq_3 Q0 x_y 2 2.5 tag\n"
-                "q_4 Q0 é 1 -inf tag\n",
+    "run.trec": "q1 Q0 a 1 0.5 tag\nq1 Q0 d%201 2 0.5 tag\nq1 Q0 c 3 0.3333333333333333 tag\nq2 Q0 c 1 1e-300 tag\n"
+                "q2 Q0 a 2 0.0 tag\nq2 Q0 b 3 -0.0 tag\nq%203 Q0 x%20y 1 inf tag\nq%203 Q0 x%20y 2 2.5 tag\n"
+                "q%204 Q0 é 1 -inf tag\n",
     "rejects.tsv": "file\tline\trow\tqid\tdoc_id\treason\nin.tsv\t6\t4\tq 9\tdz\tempty doc\n"
                    "in x.tsv\t10\t8\t\t\tfield  count\n",
 }
@@ -412,3 +420,16 @@ def test_more_buckets_than_open_files_allowed(tmp_path):
     assert int(r.stdout.split()[-1]) == n_queries
     want = reference([(rows, []) for rows in windows])
     assert results(tmp_path / "out") == want
+
+
+@given(st.text())
+def test_trec_ids_round_trip_and_hold_no_whitespace(value):
+    escaped = trec_id(value)
+    assert urllib.parse.unquote(escaped) == value
+    assert escaped.split() == ([escaped] if escaped else [])  # one whitespace-free TREC field
+    if not any(c.isspace() or c == "%" for c in value):
+        assert escaped == value  # other ids are written as read
+
+
+def test_trec_id_examples():
+    assert [trec_id(v) for v in ("a b", "50%", "d1", "x\u3000y", "é")] == ["a%20b", "50%25", "d1", "x%E3%80%80y", "é"]

@@ -36,6 +36,32 @@ def test_ids_are_stripped_texts_are_not(tmp_path):
     assert texts(rows) == [("q1", "  query  ", "d1", " doc ", 1.0)]
 
 
+def test_ids_with_a_tab_or_line_break_are_rejected_spaces_are_kept(tmp_path):
+    rows_in = [{"qid": "q 1", "query": "x", "doc_id": "d 1", "doc": "y"},
+               {"qid": "q\t2", "query": "x", "doc_id": "d", "doc": "y"},
+               {"qid": "q3", "query": "x", "doc_id": "d\n3", "doc": "y"},
+               {"qid": "q4", "query": "x", "doc_id": "d\r4", "doc": "y"}]
+    path = write_bytes(tmp_path / "ids.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows_in))
+    rows, rejects, _ = read_all([path])
+    assert [(r["qid"], r["doc_id"]) for r in rows] == [("q 1", "d 1")]
+    assert reasons_by_line(rejects) == {
+        2: "field 'qid' holds a tab or a line break, which the TSV outputs cannot hold",
+        3: "field 'doc_id' holds a tab or a line break, which the TSV outputs cannot hold",
+        4: "field 'doc_id' holds a tab or a line break, which the TSV outputs cannot hold"}
+
+
+def test_empty_and_missing_labels_are_unjudged_not_rejected(tmp_path):
+    tsv = write_bytes(tmp_path / "u.tsv", TSV_HEADER + b"q1\tx\td1\ty\t\nq1\tx\td2\ty\t  \nq1\tx\td3\ty\t1\n")
+    rows, rejects, _ = read_all([tsv])
+    assert rejects == []
+    assert [r["doc_id"] for r in rows] == ["d1", "d2", "d3"]
+    assert [math.isnan(r["label"]) for r in rows] == [True, True, False]
+    absent = write_bytes(tmp_path / "u.jsonl", b'{"qid": "q", "query": "x", "doc_id": "a", "doc": "y", "label": 2}\n'
+                                                b'{"qid": "q", "query": "x", "doc_id": "b", "doc": "y"}\n')
+    rows, rejects, _ = read_all([absent])
+    assert rejects == [] and rows[0]["label"] == 2.0 and math.isnan(rows[1]["label"])
+
+
 # --------------------------------------------------------------------------- row-level rejects
 
 
@@ -50,7 +76,7 @@ TSV_BAD_LINES = [
     (b"q7\tquery\td7\t \t 1", "empty text in field 'doc'"),
     (b"q8\t\td8\tdoc\t1", "empty text in field 'query'"),
     (b"q9\tquery\td9\tdoc\tabc", "label 'abc' is not a number"),
-    (b"q10\tquery\td10\tdoc\t", "empty label"),
+    (b"q10\tquery\td10\tdoc\t", None),  # an empty label: unjudged, kept with label NaN
     (b"q11\tquery\td11\tdoc\tinf", "label 'inf' is not a finite number"),
     (b"q12\tquery\td12\tdoc\tnan", "label 'nan' is not a finite number"),
     (b" q1 \tother\td1\tother\t0", "duplicate (qid, doc_id) = ('q1', 'd1'), first seen at {file}:2"),
@@ -67,12 +93,13 @@ def test_tsv_row_level_problems_are_rejected_with_line_and_reason(tmp_path):
     assert sorted(got) == sorted(want)
     for line, reason in want.items():
         assert reason in got[line], (line, got[line])
-    assert [(r["line"], r["row"], r["qid"], r["doc_id"], r["label"]) for r in rows] == [
-        (2, 0, "q1", "d1", 1.0), (16, 13, "q1", "d2", 2.5)]
+    got_rows = [(r["line"], r["row"], r["qid"], r["doc_id"], r["label"]) for r in rows]
+    assert got_rows[0] == (2, 0, "q1", "d1", 1.0) and got_rows[2] == (16, 13, "q1", "d2", 2.5)
+    assert got_rows[1][:4] == (11, 9, "q10", "d10") and math.isnan(got_rows[1][4])
     by_line = {r.line: r for r in rejects}
     assert (by_line[10].qid, by_line[10].doc_id, by_line[10].row) == ("q9", "d9", 8)
     assert by_line[3].qid == ""  # unknown when the fields do not line up
-    assert reader.counts[str(path)].rows_read == 14 and reader.counts[str(path)].rows_rejected == 12
+    assert reader.counts[str(path)].rows_read == 14 and reader.counts[str(path)].rows_rejected == 11
 
 
 def test_csv_row_level_problems(tmp_path):
@@ -126,12 +153,12 @@ def test_jsonl_row_level_problems(tmp_path):
     assert got[8] == "field 'doc' must be text, got 5"
     assert got[9] == "label True is not a number"
     assert "lone surrogate" in got[11]
-    assert got[13] == "missing field 'label'"
     assert got[14].startswith("malformed JSON")
     assert got[15] == "NUL byte in field 'doc'"
-    assert sorted(got) == [3, 4, 5, 6, 7, 8, 9, 11, 13, 14, 15]
+    assert sorted(got) == [3, 4, 5, 6, 7, 8, 9, 11, 14, 15]
     assert [(r["line"], r["doc_id"], r["query"]) for r in rows] == [(1, "d", "x"), (10, "d9", "x"),
-                                                                   (12, "d11", "\U0001f600")]
+                                                                   (12, "d11", "\U0001f600"), (13, "d12", "x")]
+    assert math.isnan(rows[-1]["label"])  # JSON null: unjudged
 
 
 def test_parquet_row_level_problems(tmp_path):
@@ -146,9 +173,9 @@ def test_parquet_row_level_problems(tmp_path):
     pq.write_table(table, path)
     rows, rejects, _ = read_all([path], chunk_rows=4)
     assert reasons_by_line(rejects) == {2: "missing field 'qid'", 3: "undecodable bytes (utf-8)",
-                                        4: "empty id in field 'doc_id'", 5: "empty text in field 'doc'",
-                                        6: "missing field 'label'"}
-    assert [(r["line"], r["doc"]) for r in rows] == [(1, "y")]
+                                        4: "empty id in field 'doc_id'", 5: "empty text in field 'doc'"}
+    assert [(r["line"], r["doc"]) for r in rows] == [(1, "y"), (6, "y")]
+    assert math.isnan(rows[1]["label"])  # a Parquet null label: unjudged
 
 
 def test_duplicates_across_files_keep_the_first(tmp_path):
