@@ -2,8 +2,10 @@
 
 The same formats, row identity, streaming and accounting as `pipeline.io.reader` (which reads
 query-doc pairs): every record ends in a `PromptChunk` or as a `Reject` naming file, line and
-reason; a file-level problem (missing, empty, a required column absent) is an `InputError`
-raised when the reader is built, before any work.
+reason; a file-level problem (missing, empty, a required column absent, a TSV whose quoting
+cannot be told) is an `InputError` raised when the reader is built, before any work. TSV files
+are read by `tsv_quoting` ("auto" | "csv" | "none", the `--tsv-quoting` flag, see
+`pipeline.io.reader`); `reader.quoting` says per TSV file how it was read and why.
 
 Columns (renamed with the `--col-*` flags, `ColumnMap`):
 - `id`: a string or integer, unique over the whole input (the first occurrence wins, later
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.formats import Layout, Record, inspect_file, list_input_files, read_records
+from pipeline.io.formats import Layout, Record, TsvQuoting, check_tsv_quoting, inspect_file, list_input_files, read_records
 from pipeline.io.rows import ColumnMap, FileCount, InputError, PromptChunk, Reject, RowError
 from pipeline.io.validate import SeenPairs, _identifier, _show, _text, pair_keys
 
@@ -97,16 +99,19 @@ def parse_reference(value: Any, name: str) -> tuple[str, ...]:
 class PromptReader:
     """Reads the given files in order as chunks of validated prompts (see the module docstring).
 
-    The same interface as `DatasetReader` where the job uses it: `files`, `counts`,
+    The same interface as `DatasetReader` where the job uses it: `files`, `counts`, `quoting`,
     `has_label` (here: some file has a reference column), `chunks()`."""
 
     pretokenized = False
 
-    def __init__(self, paths: Sequence[str | Path], columns: ColumnMap = ColumnMap(), chunk_rows: int = 256):
+    def __init__(self, paths: Sequence[str | Path], columns: ColumnMap = ColumnMap(), chunk_rows: int = 256,
+                 tsv_quoting: str = "auto"):
+        self.tsv_quoting = check_tsv_quoting(tsv_quoting)
         self.files = list_input_files(paths)
         self.columns = columns
         self.chunk_rows = chunk_rows
-        self._layouts = [inspect_file(p) for p in self.files]
+        self._layouts = [inspect_file(p, tsv_quoting) for p in self.files]
+        self.quoting: dict[str, TsvQuoting] = TsvQuoting.of(self.files, self._layouts)
         self.text_field = self._text_field(self.files[0], self._layouts[0])  # 'prompt' | 'messages'
         for path, layout in zip(self.files, self._layouts):
             self._check_columns(path, layout)
@@ -155,7 +160,7 @@ class PromptReader:
         for index, (path, layout) in enumerate(zip(self.files, self._layouts)):
             has_ref = c.reference in layout.columns
             wanted = [c.id, text_col] + ([c.reference] if has_ref else [])
-            records = read_records(path, layout.fmt, wanted, self.chunk_rows)
+            records = read_records(path, layout.fmt, wanted, self.chunk_rows, layout.tsv_quoting)
             validator = _PromptValidator(names, index, next_row, seen, c, self.text_field, has_ref,
                                          self.counts[names[index]])
             while batch := list(islice(records, self.chunk_rows)):

@@ -6,10 +6,17 @@ a whole file unusable (missing, empty, required column absent, not the format it
 raise `InputError`; the headers of *all* files are checked when the reader is built, so such a
 problem stops the run before any work rather than hours into it.
 
-Formats, chosen by suffix: `.tsv` (tab-separated, no quoting: quotes are literal), `.csv`
-(standard quoting, a record may span lines), `.jsonl`/`.ndjson` (one object per line) and
-`.parquet`; the three text formats may also be gzipped (`.tsv.gz` ...). Files are streamed, so
-memory holds one chunk plus the (qid, doc_id) index used to find duplicates.
+Formats, chosen by suffix: `.tsv` (tab-separated), `.csv` (standard quoting, a record may span
+lines), `.jsonl`/`.ndjson` (one object per line) and `.parquet`; the three text formats may also
+be gzipped (`.tsv.gz` ...). Files are streamed, so memory holds one chunk plus the (qid, doc_id)
+index used to find duplicates.
+
+TSV quoting (`tsv_quoting`, the `--tsv-quoting` flag): `none` reads quotes as text (raw dumps
+such as MS MARCO's collection.tsv), `csv` reads quoted fields as pandas `to_csv(sep="\t")` and
+`csv.writer(delimiter="\t")` write them (doubled quotes inside; tabs and line breaks inside, so a
+record may span lines), `auto` (default) decides per file from a scan of the whole file when the
+reader is built, by the rule in `pipeline.io.formats`, and raises InputError when a file holds
+both kinds of evidence. `reader.quoting` says per TSV file how it is read and why.
 
 Rows are either text pairs (`qid, query, doc_id, doc`) or pre-tokenized pairs
 (`qid, doc_id, input_ids, token_type_ids`), both with an optional graded `label`. A JSONL
@@ -31,27 +38,33 @@ from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 
-from pipeline.io.formats import Layout, Record, detect_format, inspect_file, list_input_files, read_records
+from pipeline.io.formats import (TSV_QUOTING, Layout, Record, TsvQuoting, check_tsv_quoting, detect_format,
+                                 inspect_file, list_input_files, read_records)
 from pipeline.io.rows import Chunk, ColumnMap, FileCount, InputError, Reject
 from pipeline.io.validate import SeenPairs, Validator, pair_key, pair_keys
 
-__all__ = ["Chunk", "ColumnMap", "DatasetReader", "FileCount", "InputError", "Reject", "SeenPairs",
-           "detect_format", "list_input_files", "pair_key", "pair_keys"]
+__all__ = ["TSV_QUOTING", "Chunk", "ColumnMap", "DatasetReader", "FileCount", "InputError", "Reject", "SeenPairs",
+           "TsvQuoting", "detect_format", "list_input_files", "pair_key", "pair_keys"]
 
 
 class DatasetReader:
     """Reads the given files in order as chunks of validated rows (see the module docstring)."""
 
     def __init__(self, paths: Sequence[str | Path], columns: ColumnMap = ColumnMap(), chunk_rows: int = 4096,
-                 pretokenized: bool | None = None):
+                 pretokenized: bool | None = None, tsv_quoting: str = "auto"):
         """pretokenized None = detect from the first file's columns (text columns present -> text;
         input_ids present -> pre-tokenized). All files must agree.
 
-        Every file's header is checked here, so a bad file fails the run before any work."""
+        tsv_quoting: "auto" | "csv" | "none", how TSV files are read (module docstring); ValueError
+        for another value. Every file's header is checked here (and, with "auto", every TSV file
+        scanned), so a bad file fails the run before any work."""
+        self.tsv_quoting = check_tsv_quoting(tsv_quoting)
         self.files = list_input_files(paths)
         self.columns = columns
         self.chunk_rows = chunk_rows
-        self._layouts = [inspect_file(p) for p in self.files]
+        self._layouts = [inspect_file(p, tsv_quoting) for p in self.files]
+        # per TSV file (path as given): how it is read ("csv" | "none") and why
+        self.quoting: dict[str, TsvQuoting] = TsvQuoting.of(self.files, self._layouts)
         first = self._layouts[0].columns
         if pretokenized is None:
             has_text = columns.query in first and columns.doc in first
@@ -92,9 +105,9 @@ class DatasetReader:
             if layout.columns.count(col) > 1:
                 raise InputError(f"{path}: {layout.where}: column {col!r} appears {layout.columns.count(col)} times")
 
-    def _records(self, path: Path, labelled: bool, fmt: str) -> Iterator[Record]:
+    def _records(self, path: Path, labelled: bool, layout: Layout) -> Iterator[Record]:
         wanted = [col for _, col in self._required()] + ([self.columns.label] if labelled else [])
-        return read_records(path, fmt, wanted, self.chunk_rows)
+        return read_records(path, layout.fmt, wanted, self.chunk_rows, layout.tsv_quoting)
 
     def chunks(self) -> Iterator[tuple[Chunk | None, list[Reject]]]:
         """Yields (chunk, rejects) per batch of chunk_rows records (fewer at the end of a file);
@@ -110,7 +123,7 @@ class DatasetReader:
             labelled = self.columns.label in layout.columns
             validator = Validator(names, index, next_row, seen, self.columns, self.pretokenized, labelled,
                                   self.has_label, self.counts[names[index]])
-            records = self._records(path, labelled, layout.fmt)
+            records = self._records(path, labelled, layout)
             while batch := list(islice(records, self.chunk_rows)):
                 yield validator.process(batch)
             next_row = validator.next_row

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io.reader import DatasetReader, InputError, detect_format, list_input_files
+from pipeline.io.reader import DatasetReader, InputError, TsvQuoting, detect_format, list_input_files
 from tests.io.helpers import ROWS, TEXT_COLUMNS, TSV_HEADER, expected, read_all, texts, write, write_bytes
 
 
@@ -30,14 +30,20 @@ def test_every_format_reads_back_the_same_rows(tmp_path, name, first_line):
     assert [r["line"] for r in rows] == list(range(first_line, first_line + len(ROWS)))
     assert reader.has_label and not reader.pretokenized
     assert reader.counts[str(path)].rows_read == len(ROWS)
+    # ROWS hold quotes written raw ('what is "ernie", really?'): auto reads the TSV literally
+    want = {str(path): TsvQuoting("none", "auto: 3 fields with literal quotes (first at line 2: a quote inside "
+                                          "a field's text), no CSV-quoted field")}
+    assert reader.quoting == (want if name.startswith("d.tsv") else {})
 
 
 def test_tsv_quotes_are_literal(tmp_path):
-    """An unbalanced quote in TSV is text, not the start of a field that swallows lines."""
+    """An unbalanced quote in raw TSV is text, not the start of a field that swallows lines
+    (tests/io/test_tsv_quoting.py has the CSV-quoted TSV files)."""
     path = write_bytes(tmp_path / "q.tsv", TSV_HEADER + b'q1\t"open quote\td1\tdoc\t1\nq2\tq\td2\t"x"\t0\n')
-    rows, rejects, _ = read_all([path])
+    rows, rejects, reader = read_all([path])
     assert rejects == []
     assert [(r["query"], r["doc"]) for r in rows] == [('"open quote', "doc"), ("q", '"x"')]
+    assert reader.quoting[str(path)].mode == "none"
 
 
 def test_csv_record_spanning_lines_reports_its_start_line(tmp_path):
@@ -175,7 +181,14 @@ def test_parquet_without_rows_is_empty(tmp_path):
 
 def test_gzip_cut_short_fails_the_read_with_file_and_line(tmp_path):
     path = _gzip_cut_short(tmp_path / "cut.tsv.gz")
-    reader = DatasetReader([path])  # the start of the file is fine
+    reader = DatasetReader([path], tsv_quoting="none")  # the start of the file is fine
     with pytest.raises(InputError, match=r"cut\.tsv\.gz: cannot read past line \d+"):
         for _ in reader.chunks():
             pass
+
+
+def test_gzip_cut_short_fails_the_auto_quoting_scan_before_any_row(tmp_path):
+    """--tsv-quoting auto reads the whole file when the reader is built, so the run stops there."""
+    path = _gzip_cut_short(tmp_path / "cut.tsv.gz")
+    with pytest.raises(InputError, match=r"cut\.tsv\.gz: cannot read the whole file \(scanning it for --tsv-quoting auto\)"):
+        DatasetReader([path])

@@ -188,6 +188,9 @@ def test_prompts_tsv_fixture_as_its_readme_says():
     assert refs["t1"] == ("red",) and refs["t3"] == ("a", "b") and refs["t4"] == ()
     assert refs["t2"] == ("Paris",)
     assert rows[5]["text"] == "Translate to English: grüß dich"
+    # its JSON reference ["a", "b"] holds quotes as text: auto reads the file literally
+    assert reader.quoting[str(path)].mode == "none"
+    assert reader.quoting[str(path)].rule.startswith("auto: 1 field with literal quotes (first at line 4")
 
 
 # ----------------------------------------------------------------------------- formats

@@ -24,6 +24,19 @@ def test_chunking_keeps_rows_in_order_and_chunks_small(tmp_path):
     assert small == whole
 
 
+def test_chunks_cut_between_multi_line_records_of_a_csv_quoted_tsv(tmp_path):
+    data = (TSV_HEADER + b'q1\t"two\nlines"\td1\t"a ""b"""\t1\nq1\tx\td2\t"three\n\nlines"\t0\n'
+            b"q2\tx\td3\ty\t1\n")
+    path = write_bytes(tmp_path / "m.tsv", data)
+    whole, rejects, reader = read_all([path])
+    assert rejects == [] and reader.tsv_quoting == "auto" and reader.quoting[str(path)].mode == "csv"
+    assert [(r["line"], r["query"], r["doc"]) for r in whole] == [
+        (2, "two\nlines", 'a "b"'), (4, "x", "three\n\nlines"), (7, "x", "y")]
+    for size in (1, 2):
+        assert read_all([path], chunk_rows=size)[0] == whole
+    assert [len(c) for c, _ in DatasetReader([path], chunk_rows=2).chunks()] == [2, 1]
+
+
 def test_a_batch_of_only_rejects_yields_no_chunk(tmp_path):
     path = write_bytes(tmp_path / "r.tsv", TSV_HEADER + b"bad\nbad\nq\tx\td\ty\t1\n")
     pairs = list(DatasetReader([path], chunk_rows=2).chunks())
