@@ -341,6 +341,16 @@ class _QuoteScan:
             self.whole = tabs == count * self.tabs and (
                 not tabs or all(x.count(b"\t") == self.tabs for x in data[start:stop - 1].split(b"\n")))
 
+    def text_quotes(self, data: bytes, start: int, stop: int, number: int) -> None:
+        """Line `number`, data[start:stop], starts a record and holds quotes, none of them at the
+        start of a field: what `feed` would find, faster - each field holding one is literal."""
+        first, last = data.find(b'"', start, stop), data.rfind(b'"', start, stop)
+        if data.find(b"\t", first, last) < 0:  # all in one field (the usual case)
+            literal = 1
+        else:
+            literal = sum(b'"' in field for field in data[start:stop].split(b"\t"))
+        self.evidence.add_literal(number, literal, "a quote inside a field's text")
+
     def feed(self, data: bytes, start: int, stop: int, number: int) -> None:
         """Physical line `number`, data[start:stop] (stop: its newline)."""
         whole = data.count(b"\t", start, stop) == self.tabs
@@ -474,7 +484,10 @@ def scan_tsv_quotes(path: Path) -> QuoteEvidence:
                     if q < 0:
                         break
                     stop = data.find(b"\n", q)
-                    scan.feed(data, start, stop, number)
+                    if scan.open or data[start] == _QUOTE or data.find(b'\t"', start, stop) >= 0:
+                        scan.feed(data, start, stop, number)
+                    else:
+                        scan.text_quotes(data, start, stop, number)
                     number += 1
                     pos = stop + 1
     except gzip.BadGzipFile:

@@ -430,3 +430,9 @@ def test_inspect_file_and_read_records_agree_when_given_nothing(tmp_path):
     assert [values for _, values in literal if type(values) is tuple][1][3] == '"he said ""hi"" and left"'
     with pytest.raises(ValueError, match="one of auto, csv, none"):
         formats.read_records(path, layout.fmt, wanted, 100, "quoted")
+
+
+def test_literal_quotes_are_counted_per_field(tmp_path):
+    path = write_raw(tmp_path / "t.tsv", raw_lines()[:1] + ['q\tsay "a"\td\tand "b" too\t1', 'q\tx\te\tone "c"\t1'])
+    ev = scan_tsv_quotes(path)
+    assert (ev.literal_fields, ev.literal_line, ev.csv_fields, ev.neutral_fields) == (3, 2, 0, 0)
