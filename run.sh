@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh              score and rank the embedded sample with the default model -> submit/
 # ./run.sh generate     generate for the embedded generation sample with the default model -> submit/generate/
+# ./run.sh rerank --queries Q --corpus C --candidates RUN [--qrels QRELS]   rerank retrieval candidates
 # ./run.sh ARGS...      python -m pipeline run ARGS... (or: convert ..., generate ..., a pipeline subcommand)
 # ./run.sh test [ARGS]  the test suite (pytest ARGS; with no test path given: all of tests/)
 # Runs from any folder: the paths you give (inputs, --out, --model, test paths) are relative to
@@ -21,11 +22,12 @@ req_sum() {
 ensure_venv() {
     local want="$1" stamp="$VENV/.installed-$1" files sum
     files="requirements.txt requirements-model.txt"
-    [ "$want" = test ] && files="$files requirements-test.txt"
+    # requirements-test.txt includes requirements-quant.txt (-r): a change there reinstalls too
+    [ "$want" = test ] && files="$files requirements-test.txt requirements-quant.txt"
     # shellcheck disable=SC2086 # the file names have no spaces
     sum=$(req_sum $files)
     if [ "$want" = run ] && [ "$(cat "$VENV/.installed-test" 2>/dev/null)" = \
-            "$(req_sum requirements.txt requirements-model.txt requirements-test.txt)" ]; then
+            "$(req_sum requirements.txt requirements-model.txt requirements-test.txt requirements-quant.txt)" ]; then
         return  # the test install is a superset of the run install
     fi
     if [ ! -x "$VENV/bin/python" ]; then
@@ -70,7 +72,7 @@ case "${1:-}" in
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest ${args[@]+"${args[@]}"}
         ;;
-    convert|generate|prune-vocab|quantize|run)
+    convert|generate|prune-vocab|quantize|rerank|run)
         ensure_venv run
         pipeline "$@"
         ;;

@@ -1,10 +1,11 @@
-"""Command line: `python -m pipeline run ...`, `python -m pipeline generate ...`,
-`python -m pipeline convert SRC DST` and
+"""Command line: `python -m pipeline run ...`, `python -m pipeline rerank ...`,
+`python -m pipeline generate ...`, `python -m pipeline convert SRC DST`,
 `python -m pipeline prune-vocab MODEL_DIR --data FILES... --out PRUNED_DIR` and
 `python -m pipeline quantize MODEL_DIR --calib FILES... --out INT8_DIR`.
 
 Arguments are turned into a typed `RunConfig` once, here; nothing downstream sees argparse.
 """
+
 
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ from pipeline.config import (
     cache_dir,
     default_model_source,
 )
+from pipeline.paths import NO_DEFAULT_INPUT
+
+DESCRIPTION = ("Batch inference for ERNIE-family models on Paddle Inference: score and rank query-document "
+               "pairs (run, rerank), generate text (generate), and prepare models (convert, prune-vocab, quantize).")
 from pipeline.engine.modeldir import ModelDirError, ModelInfo, load_model_info
+from pipeline.io.formats import TSV_QUOTING
 from pipeline.io.reader import ColumnMap, InputError
 
 
@@ -56,6 +62,37 @@ def default_generation_model():
     return load_model_info(dst)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where the help text does not state the default itself and
+    there is a value to show (not None, False or an empty list)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default is argparse.SUPPRESS \
+                or default == [] or not text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown})"
+
+
+def _inputs_default(default: Path | None) -> list[Path]:
+    return [default] if default is not None else []
+
+
+def _inputs(args) -> tuple[Path, ...]:
+    if not args.inputs:
+        raise ConfigError(NO_DEFAULT_INPUT)
+    return tuple(args.inputs)
+
+
+def _add_tsv_quoting_flag(p) -> None:
+    p.add_argument("--tsv-quoting", choices=list(TSV_QUOTING), default="auto",
+                   help="how .tsv inputs are read: csv = quoted fields as pandas and Python's csv write them, none = "
+                        "quotes are literal (MS MARCO), auto = decided per file from its fields (README \"Input\"); "
+                        "report.json says which rule each file was read with")
+
+
 def _add_column_flags(p) -> None:
     """--col-qid, --col-query, ...: which input column holds each field (see ColumnMap)."""
     for field in ColumnMap.__dataclass_fields__:
@@ -68,15 +105,50 @@ def _columns(args) -> ColumnMap:
 
 
 def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="score and rank a dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="*", type=Path, default=[DEFAULT_INPUT],
-                   help="files or folders (TSV/CSV with header, JSONL, Parquet; .gz for text formats)")
+    p = sub.add_parser("run", help="score and rank a dataset of query-document pairs", formatter_class=_HelpFormatter,
+                       description="Score every (qid, doc_id) row of the inputs with a cross- or bi-encoder, rank the "
+                                   "documents of each query, and write predictions, rankings, a TREC run and the "
+                                   "metrics (when rows have labels, or with --qrels).")
+    p.add_argument("inputs", nargs="*", type=Path, default=_inputs_default(DEFAULT_INPUT),
+                   help="files or folders (TSV/CSV with header, JSONL, Parquet; .gz for text formats)"
+                        + (" (default: the embedded sample, data/sample)" if DEFAULT_INPUT else ""))
+    _add_scoring_flags(p)
+
+
+def _rerank_parser(sub) -> None:
+    p = sub.add_parser("rerank", help="rerank retrieval candidates: queries + corpus + a TREC run (BEIR, MS MARCO)",
+                       formatter_class=_HelpFormatter,
+                       description="Join a queries file, a corpus and candidates (a TREC run or a pair file) into "
+                                   "query-document pairs, score them, and rank each query's candidates; the outputs "
+                                   "are those of `run`. The corpus stays on disk behind an index kept in the cache.")
+    p.add_argument("--queries", type=Path, required=True,
+                   help="BEIR queries.jsonl (_id, text) or MS MARCO queries.tsv (id<TAB>text, no header)")
+    p.add_argument("--corpus", type=Path, required=True,
+                   help="BEIR corpus.jsonl (_id, title, text) or MS MARCO collection.tsv (id<TAB>text, no header); "
+                        "not gzipped")
+    p.add_argument("--candidates", type=Path, required=True,
+                   help="a TREC run file (qid Q0 doc_id rank score tag; any suffix but .tsv/.csv/.jsonl/.parquet) "
+                        "or a pair file with qid and doc_id columns (and optionally label)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="rerank the top K candidates of each query (run file: by score, ties in file order; pair "
+                        "file: the first K); default: all")
+    _add_scoring_flags(p)
+
+
+def _add_scoring_flags(p) -> None:
+    """The flags `run` and `rerank` share."""
     p.add_argument("--model", type=Path, default=None,
                    help=f"runtime model directory (default: {DEFAULT_MODEL_NAME}, converted on first use)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--qrels", type=Path, default=None,
+                   help="judgements (TREC qrels, or BEIR qrels/*.tsv): the metrics use them, trec_eval style, "
+                        "instead of the rows' labels")
+    p.add_argument("--recall-at", dest="recall_at", type=int, default=None,
+                   help="also report recall at this depth (e.g. 100)")
+    _add_tsv_quoting_flag(p)
     p.add_argument("--mode", choices=["cross", "bi"], default=None, help="scoring mode (default: the model's)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default: the model's)")
-    d = RunConfig()
+    d = RunConfig(inputs=())
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens, help="padded tokens per batch")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="sequences per batch")
     p.add_argument("--pad-multiple", type=int, default=None,
@@ -114,10 +186,10 @@ def _early_stopping(value: str):
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text for every prompt of a dataset",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_HelpFormatter,
                        description="Ranked candidate texts for every row (id, prompt or messages, optional reference) "
                                    "of the inputs, decoded in pre-padded batches with a key/value cache.")
-    p.add_argument("inputs", nargs="*", type=Path, default=[DEFAULT_GENERATE_INPUT],
+    p.add_argument("inputs", nargs="*", type=Path, default=_inputs_default(DEFAULT_GENERATE_INPUT),
                    help="files or folders (TSV/CSV with header, JSONL, Parquet; .gz for text formats)")
     p.add_argument("--model", type=Path, default=None,
                    help=f"generation model directory (default: {DEFAULT_GENERATION_MODEL_NAME}, converted on first use)")
@@ -163,6 +235,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--restart", action="store_true", help="discard an unfinished run in --out and start over")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for a terminal)")
+    _add_tsv_quoting_flag(p)
     _add_column_flags(p)
 
 
@@ -187,7 +260,7 @@ def _convert_parser(sub) -> None:
 
 def _prune_parser(sub) -> None:
     p = sub.add_parser(
-        "prune-vocab", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "prune-vocab", formatter_class=_HelpFormatter,
         help="runtime model -> copy whose word-embedding table keeps only the tokens some data uses",
         description="Tokenize --data with the model's full tokenizer and write a model whose embedding table "
                     "holds only the ids that occur (plus the special tokens). Scores on that data are unchanged; "
@@ -207,7 +280,7 @@ def _prune_parser(sub) -> None:
 
 def _quantize_parser(sub) -> None:
     p = sub.add_parser(
-        "quantize", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "quantize", formatter_class=_HelpFormatter,
         help="runtime model -> int8 copy (post-training quantisation, CPU oneDNN), gated on held-out data",
         description="Calibrate int8 activation ranges on half of --calib (split by qid), score the other half "
                     "with the fp32 and the int8 model, and write the int8 model only if NDCG@10 and PNR each "
@@ -250,8 +323,9 @@ def cancel_on_signals() -> Iterator[CancelToken]:
 
 
 def _job_fields(args) -> dict:
-    """The RunConfig fields `run` and `generate` share, from their flags."""
-    return dict(inputs=tuple(args.inputs), model=args.model, out_dir=args.out, columns=_columns(args),
+    """The RunConfig fields `run`, `rerank` and `generate` share, from their flags."""
+    inputs = () if args.command == "rerank" else _inputs(args)
+    return dict(inputs=inputs, model=args.model, tsv_quoting=args.tsv_quoting, out_dir=args.out, columns=_columns(args),
                 max_batch_size=args.max_batch_size, workers=args.workers, threads=args.threads, streams=args.streams,
                 chunk_rows=args.chunk_rows, window_rows=args.window_rows, progress=args.progress, resume=args.resume,
                 restart=args.restart)
@@ -261,15 +335,25 @@ def _run(args) -> int:
     from pipeline.job.report import format_summary
     from pipeline.job.run import run
 
+    rerank = None
+    if args.command == "rerank":
+        from pipeline.io.rerank import RerankSources
+
+        rerank = RerankSources(args.queries, args.corpus, args.candidates, args.depth)
     cfg = RunConfig(
         **_job_fields(args), mode=args.mode, max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens,
         pad_multiple=args.pad_multiple, device=args.device, precision=args.precision, tensorrt=args.tensorrt,
-        trt_varlen=args.trt_varlen, run_tag=args.run_tag,
+        trt_varlen=args.trt_varlen, run_tag=args.run_tag, rerank=rerank, qrels=args.qrels, recall_k=args.recall_at,
     )
     info = load_model_info(cfg.model) if cfg.model else default_model()
     with cancel_on_signals() as cancel:
         report = run(cfg, info, cancel)
     print(format_summary(report, cfg.out_dir))
+    escaped = report.get("outputs", {}).get("trec_escaped_rows", 0)
+    if escaped:
+        print(f"warning: {escaped} rows have a qid or doc_id holding whitespace or '%', which {cfg.out_dir / 'run.trec'} "
+              f"holds percent-encoded (a b -> a%20b; urllib.parse.unquote reverses it); the other files hold the ids "
+              f"as read", file=sys.stderr)
     unknown = report["tokens"].get("unknown_tokens", 0)
     if unknown:
         print(f"warning: {unknown} tokens are outside the pruned vocabulary of {info.path} and were scored as "
@@ -359,9 +443,11 @@ def _quantize(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=None if sys.argv[0].endswith("pipeline") else "python -m pipeline",
+                                     description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _rerank_parser(sub)
     _generate_parser(sub)
     _convert_parser(sub)
     _prune_parser(sub)
@@ -376,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.job.run import RunError
 
     try:
-        return {"run": _run, "generate": _generate, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize}[args.command](args)
+        return {"run": _run, "rerank": _run, "generate": _generate, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize}[args.command](args)
     except Cancelled:
         print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
               f"run the same command with --resume to continue", file=sys.stderr)

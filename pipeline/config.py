@@ -20,7 +20,9 @@ from pipeline.engine.generator import GeneratorSettings, kv_spec
 from pipeline.engine.prompt_text import OVERFLOW
 from pipeline.errors import ConfigError
 from pipeline.engine.modeldir import ModelInfo
+from pipeline.io.formats import TSV_QUOTING
 from pipeline.io.reader import ColumnMap
+from pipeline.io.rerank import RerankSources
 from pipeline.tasks import get_task
 
 from pipeline.paths import (  # noqa: F401 - re-exported: where the defaults live (see pipeline.paths)
@@ -100,7 +102,7 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class RunConfig:
-    inputs: tuple[Path, ...] = (DEFAULT_INPUT,)
+    inputs: tuple[Path, ...] = (DEFAULT_INPUT,) if DEFAULT_INPUT is not None else ()
     model: Path | None = None  # None: the default model, converted into the cache on first use
     out_dir: Path = DEFAULT_OUT
     mode: str | None = None  # None: the model's own mode
@@ -122,6 +124,10 @@ class RunConfig:
     run_tag: str = "pipeline"
     resume: bool = False  # continue the unfinished run in out_dir/.partial
     restart: bool = False  # discard an unfinished run in out_dir/.partial
+    tsv_quoting: str = "auto"  # how .tsv files are read: 'auto' | 'csv' | 'none' (pipeline.io.formats)
+    rerank: RerankSources | None = None  # queries + corpus + candidates instead of `inputs` (scoring)
+    qrels: Path | None = None  # judgements for the metrics instead of the rows' labels (scoring)
+    recall_k: int | None = None  # also report recall at this depth (scoring)
     generation: GenerationOptions = field(default_factory=GenerationOptions)  # generation models only
 
 
@@ -145,6 +151,8 @@ class Settings:
     window_rows: int
     progress: bool
     run_tag: str
+    tsv_quoting: str = "auto"
+    recall_k: int | None = None
     generation: GenerationSettings | None = None  # set for generation models
 
     @property
@@ -185,7 +193,7 @@ def resolve(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> Settings:
         max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=cfg.precision,
         tensorrt=cfg.tensorrt, trt_varlen=cfg.trt_varlen, workers=workers, threads=threads, streams=streams,
         chunk_rows=cfg.chunk_rows, window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress,
-        run_tag=cfg.run_tag,
+        run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting, recall_k=cfg.recall_k,
     )
 
 
@@ -194,6 +202,8 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
     impossible combinations), the prompt limit and the cache budget checked against the model
     (a longest prompt must fit one batch), CPU only."""
     mode = _check_task(cfg, info)
+    if cfg.rerank is not None or cfg.qrels is not None or cfg.recall_k is not None:
+        raise ConfigError("--queries/--corpus/--candidates, --qrels and --recall-at are for scoring runs, not `generate`")
     if cfg.device != "cpu" or cfg.precision != "fp32" or cfg.tensorrt or cfg.trt_varlen:
         raise ConfigError("generation runs on the CPU in fp32 in this version (the decoder predictor has no GPU "
                           "path yet): drop --device/--precision/--tensorrt")
@@ -234,7 +244,7 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
         max_batch_size=cfg.max_batch_size, pad_multiple=1, device="cpu", precision="fp32", tensorrt=False,
         trt_varlen=False, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
         window_rows=max(cfg.window_rows, cfg.chunk_rows),
-        progress=progress, run_tag=cfg.run_tag,
+        progress=progress, run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting,
         generation=GenerationSettings(decoding=decoding, max_prompt_tokens=g.max_prompt_tokens,
                                       prompt_overflow=g.prompt_overflow, chat=g.chat, max_cache_bytes=max_cache_bytes,
                                       max_batch_rows=cfg.max_batch_size,
@@ -251,6 +261,12 @@ def _run_shape(cfg: RunConfig) -> tuple[int, int, int, bool]:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.resume and cfg.restart:
         raise ConfigError("--resume and --restart exclude each other")
+    if cfg.tsv_quoting not in TSV_QUOTING:
+        raise ConfigError(f"--tsv-quoting must be one of {', '.join(TSV_QUOTING)}, got {cfg.tsv_quoting!r}")
+    if cfg.recall_k is not None and cfg.recall_k < 1:
+        raise ConfigError(f"--recall-at must be >= 1, got {cfg.recall_k}")
+    if cfg.rerank is not None and cfg.rerank.depth is not None and cfg.rerank.depth < 1:
+        raise ConfigError(f"--depth must be >= 1, got {cfg.rerank.depth}")
     import sys
 
     return (*_parallelism(cfg), sys.stderr.isatty() if cfg.progress is None else cfg.progress)

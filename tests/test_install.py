@@ -204,7 +204,7 @@ def _venv_installed(want: str) -> bool:
         stamp = ROOT / ".venv" / f".installed-{kind}"
         return stamp.is_file() and stamp.read_text().strip() == _stamp(*files)
 
-    test = ok("test", "requirements.txt", "requirements-model.txt", "requirements-test.txt")
+    test = ok("test", "requirements.txt", "requirements-model.txt", "requirements-test.txt", "requirements-quant.txt")
     return test or (want == "run" and ok("run", "requirements.txt", "requirements-model.txt"))
 
 

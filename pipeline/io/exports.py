@@ -30,6 +30,7 @@ import math
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,10 @@ from pipeline.cancel import CancelToken
 from pipeline.io.store import REJECT_COLUMNS, RunStore
 from pipeline.memory import release_free_memory
 from pipeline.ranking import RankingMetrics, combine_metrics, rank_per_query, ranking_metrics
+from pipeline.ranking.judgements import Judgements
 
-__all__ = ["QUERIES_PER_BUCKET", "RANKING_COLUMNS", "format_label", "format_score", "trec_id", "write_ranking_outputs"]
+__all__ = ["QUERIES_PER_BUCKET", "RANKING_COLUMNS", "RankingOutputs", "format_label", "format_score", "trec_id",
+           "write_ranking_outputs"]
 
 QUERIES_PER_BUCKET = 4096
 RANKING_COLUMNS = ("qid", "doc_id", "label", "score")  # what the committed table must hold
@@ -134,34 +137,51 @@ class _ExactFirstSeen:
         return np.fromiter((code_of.setdefault(q, len(code_of)) for q in qids), np.int64, len(qids))
 
 
+@dataclass
+class RankingOutputs:
+    """What writing the ranking files found, for report.json."""
+
+    metrics: RankingMetrics | None = None
+    trec_escaped_rows: int = 0  # rows whose qid or doc_id run.trec holds percent-encoded (trec_id)
+
+
+@dataclass(frozen=True)
+class _MetricSpec:
+    labelled: bool
+    judgements: Judgements | None
+    recall_k: int | None
+
+
 def write_ranking_outputs(store: RunStore, tag: str, labelled: bool, cancel: CancelToken | None = None,
-                          queries_per_bucket: int | None = None) -> RankingMetrics | None:
+                          queries_per_bucket: int | None = None, judgements: Judgements | None = None,
+                          recall_k: int | None = None) -> RankingOutputs:
     """Build predictions.tsv, ranked.tsv, run.trec and rejects.tsv in `store.partial` from the
-    committed windows (each holding `RANKING_COLUMNS`); returns the metrics when `labelled`
-    and any label exists. Sets `store.rank_seconds` (time spent ranking and in metrics)."""
+    committed windows (each holding `RANKING_COLUMNS`). Metrics are computed when `labelled`
+    and some row is judged, or against `judgements` (qrels) when given. Sets
+    `store.rank_seconds` (time spent ranking and in metrics)."""
     cancel = cancel or CancelToken()
     per_bucket = queries_per_bucket or QUERIES_PER_BUCKET  # read at call time: tests change it
     scratch = store.partial / SCRATCH
+    spec = _MetricSpec(labelled, judgements, recall_k)
     try:
         try:
-            metrics = _rank_all(store, tag, labelled, cancel, per_bucket, _HashedFirstSeen())
+            out = _rank_all(store, tag, spec, cancel, per_bucket, _HashedFirstSeen())
         except _QidCollision:
-            metrics = _rank_all(store, tag, labelled, cancel, per_bucket, _ExactFirstSeen())
+            out = _rank_all(store, tag, spec, cancel, per_bucket, _ExactFirstSeen())
         _write_rejects(store, cancel)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return metrics
+    return out
 
 
-def _rank_all(store: RunStore, tag: str, labelled: bool, cancel: CancelToken, per_bucket: int,
-              first_seen) -> RankingMetrics | None:
+def _rank_all(store: RunStore, tag: str, spec: _MetricSpec, cancel: CancelToken, per_bucket: int,
+              first_seen) -> RankingOutputs:
     store.rank_seconds = 0.0
-    store.trec_escaped_rows = 0
     scratch = store.partial / SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     pieces = _predictions_and_scatter(store, scratch, cancel, per_bucket, first_seen)
-    return _rank_buckets(store, scratch, pieces, tag, labelled, cancel)
+    return _rank_buckets(store, scratch, pieces, tag, spec, cancel)
 
 
 def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,21 +240,25 @@ def _scatter_window(path: Path, w: int, table: pa.Table, bucket: np.ndarray) -> 
 # --------------------------------------------------------------------------- pass 2
 
 
-def _rank_buckets(store: RunStore, scratch: Path, pieces: np.ndarray, tag: str, labelled: bool,
-                  cancel: CancelToken) -> RankingMetrics | None:
+def _rank_buckets(store: RunStore, scratch: Path, pieces: np.ndarray, tag: str, spec: _MetricSpec,
+                  cancel: CancelToken) -> RankingOutputs:
     pieces = pieces[np.argsort(pieces[:, 0], kind="stable")]  # by bucket, windows in order
     starts, ends = _runs(pieces[:, 0])
-    metrics = []
+    metrics, out = [], RankingOutputs()
     with open(store.partial / "ranked.tsv", "w", encoding="utf-8", newline="\n") as ranked, \
             open(store.partial / "run.trec", "w", encoding="utf-8", newline="\n") as trec:
         ranked.write("qid\tdoc_id\trank\tscore\n")
         for s, e in zip(starts.tolist(), ends.tolist()):
             cancel.check()
-            m = _rank_bucket(store, _read_bucket(scratch, pieces[s:e]), ranked, trec, tag, labelled)
+            m = _rank_bucket(store, _read_bucket(scratch, pieces[s:e]), ranked, trec, tag, spec, out)
             if m is not None:
                 metrics.append(m)
             release_free_memory()
-    return combine_metrics(metrics) if metrics else None
+    combined = combine_metrics(metrics) if metrics else None
+    # Labelled input whose labels are all empty has no judgements: no metrics (with qrels there
+    # are always metrics, even if no candidate is judged).
+    out.metrics = combined if combined is not None and (spec.judgements is not None or combined.queries) else None
+    return out
 
 
 def _read_bucket(scratch: Path, pieces: np.ndarray) -> pa.Table:
@@ -246,7 +270,8 @@ def _read_bucket(scratch: Path, pieces: np.ndarray) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _rank_bucket(store: RunStore, rows: pa.Table, ranked, trec, tag: str, labelled: bool) -> RankingMetrics | None:
+def _rank_bucket(store: RunStore, rows: pa.Table, ranked, trec, tag: str, spec: _MetricSpec,
+                 out_counts: RankingOutputs) -> RankingMetrics | None:
     code = rows["code"].to_numpy()
     # Codes follow first appearance, so sorting by code keeps rank_per_query's "qids in order of
     # first appearance" across buckets.
@@ -265,12 +290,12 @@ def _rank_bucket(store: RunStore, rows: pa.Table, ranked, trec, tag: str, labell
     out = [(qid[i], doc[i], rank[i], format_score(score[i])) for i in order]
     ranked.write("".join(f"{q}\t{d}\t{r}\t{s}\n" for q, d, r, s in out))
     (trec_q, q_changed), (trec_d, d_changed) = _trec_ids(qid), _trec_ids(doc)
-    store.trec_escaped_rows += int((q_changed | d_changed).sum())
+    out_counts.trec_escaped_rows += int((q_changed | d_changed).sum())
     trec.write("".join(f"{trec_q[i]} Q0 {trec_d[i]} {rank[i]} {s} {tag}\n" for i, (_, _, _, s) in zip(order, out)))
-    if not labelled or np.all(np.isnan(label)):
+    if spec.judgements is None and not spec.labelled:
         return None
     t0 = time.perf_counter()
-    m = ranking_metrics(qid, doc, label, score)
+    m = ranking_metrics(qid, doc, label, score, judgements=spec.judgements, recall_k=spec.recall_k)
     store.rank_seconds += time.perf_counter() - t0
     return m
 

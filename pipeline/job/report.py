@@ -76,9 +76,27 @@ def _per_file(files: list[Path], rows_read: dict[str, int], tally: Tally, done_k
 
 
 def build_report(task: str, model, settings_dict: dict, files: list[Path], rows_read: dict[str, int],
-                 tally: Tally, metrics: dict | None, timing: Timing, sessions: int) -> dict:
+                 tally: Tally, sections: dict, timing: Timing, sessions: int, reading: dict | None = None) -> dict:
+    """report.json. `sections`: what the task's finish returned (`metrics`, and e.g. `outputs`);
+    `reading`: how the inputs were read (TSV quoting rules, the reranking layout, judgements)."""
+    reading = reading or {}
     if task == "generate":
-        return _generation_report(model, settings_dict, files, rows_read, tally, metrics, timing, sessions)
+        report = _generation_report(model, settings_dict, files, rows_read, tally, sections.get("metrics"), timing,
+                                    sessions)
+    else:
+        report = _scoring_report(model, settings_dict, files, rows_read, tally, sections.get("metrics"), timing,
+                                 sessions)
+    quoting = reading.get("tsv_quoting", {})
+    for entry in report["files"]:
+        if entry["file"] in quoting:
+            entry["tsv_quoting"] = quoting[entry["file"]]
+    report.update({k: v for k, v in reading.items() if k != "tsv_quoting"})
+    report.update({k: v for k, v in sections.items() if k != "metrics"})
+    return report
+
+
+def _scoring_report(model, settings_dict: dict, files: list[Path], rows_read: dict[str, int], tally: Tally,
+                    metrics: dict | None, timing: Timing, sessions: int) -> dict:
     per_file = _per_file(files, rows_read, tally, "rows_scored")
     total_s = time.perf_counter() - timing.started
     processing_s = total_s - timing.startup
@@ -210,8 +228,16 @@ def format_summary(report: dict, out_dir: Path) -> str:
     m = report.get("metrics")
     if m:
         f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731 - undefined metrics are None
-        lines.append(f"metrics    MRR@10 {f(m['mrr_at_10'])}  NDCG@10 {f(m['ndcg_at_10'])}  PNR {f(m['pnr'])} "
+        recall = f"  R@{m['recall_k']} {f(m['recall'])}" if m.get("recall_k") else ""
+        lines.append(f"metrics    MRR@10 {f(m['mrr_at_10'])}  NDCG@10 {f(m['ndcg_at_10'])} (gain 2^rel-1), "
+                     f"{f(m.get('ndcg_at_10_linear'))} (gain rel, trec_eval){recall}  PNR {f(m['pnr'])} "
                      f"({m['pairs_correct']} pairs right, {m['pairs_wrong']} wrong, {m['pairs_tied']} tied)")
+        j = report.get("judgements", {})
+        where = f"qrels {j['file']}" if j.get("source") == "qrels" else "the rows' labels"
+        missing = (f", {m['relevant_missing']} relevant judgements not among the candidates"
+                   if m.get("relevant_missing") is not None else "")
+        lines.append(f"judged by  {where}: {m['queries']} queries, {m.get('unjudged_rows', 0)} unjudged rows "
+                     f"(ranked, not relevant){missing}")
     if r["rejected"]:
         lines.append(f"rejects    {r['rejected']} rows, reasons in {out_dir / 'rejects.tsv'}")
     lines.append(f"outputs    {out_dir}/ (ranked.tsv, run.trec, predictions.tsv, report.json, submission.zip)")

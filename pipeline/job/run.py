@@ -18,9 +18,10 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.cancel import CancelToken
-from pipeline.config import ConfigError, RunConfig, Settings, check_writable, resolve
+from pipeline.config import ConfigError, RunConfig, Settings, cache_dir, check_writable, resolve
 from pipeline.engine.engine import Backend, BackendUnavailable
 from pipeline.engine.modeldir import ModelInfo
+from pipeline.io.qrels import read_qrels
 from pipeline.io.reader import InputError
 from pipeline.io.store import RunStore
 from pipeline.job.feeder import WORKER_DIED, ChunkFeeder, RunError
@@ -28,18 +29,20 @@ from pipeline.job.report import Tally, Timing, build_report, progress_bar
 from pipeline.job.workers import TokenizerPool
 from pipeline.memory import release_free_memory
 from pipeline.tasks import check_input, get_task
-from pipeline.tasks.base import Item, Task
+from pipeline.tasks.base import FinishSpec, InputSpec, Item, Task
 
 __all__ = ["RunError", "fingerprint", "run"]
 
 
 def fingerprint(files: list[Path], model: ModelInfo, settings: Settings, cfg: RunConfig) -> dict:
-    """What must not change between a run and its resumption (anything that changes results)."""
+    """What must not change between a run and its resumption (anything that changes results).
+    `files`: every file the rows come from (a reranking run's queries and corpus too)."""
     res = settings.to_dict()
     for k in ("workers", "progress"):  # do not change results
         res.pop(k)
     fp = {
         "inputs": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "rerank_depth": cfg.rerank.depth if cfg.rerank else None,
         "model": [str(model.path.resolve()), model.checksum],
         "settings": res,
         "columns": asdict(cfg.columns),
@@ -54,10 +57,13 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
     cancel, timing = cancel or CancelToken(), Timing()
     settings = resolve(cfg, model)
     task = get_task(settings.mode)
-    reader = task.open_reader(cfg.inputs, cfg.columns, settings.chunk_rows)  # checks every header
+    reader = task.open_reader(InputSpec(cfg.inputs, cfg.columns, settings.chunk_rows, settings.tsv_quoting,
+                                        cfg.rerank, cache_dir() / "corpus-index"))  # checks every header
     check_input(task, reader)
+    judgements = read_qrels(cfg.qrels) if cfg.qrels else None  # a bad qrels file fails before any work
     check_writable(cfg.out_dir)
-    store = RunStore(cfg.out_dir, fingerprint(reader.files, model, settings, cfg), cfg.resume, cfg.restart,
+    row_files = list(reader.files) + ([Path(cfg.rerank.queries), Path(cfg.rerank.corpus)] if cfg.rerank else [])
+    store = RunStore(cfg.out_dir, fingerprint(row_files, model, settings, cfg), cfg.resume, cfg.restart,
                      task.output_files)
     tally = Tally(**store.manifest["tally"]) if store.manifest["tally"] else Tally()
     pool = feeder = None
@@ -71,12 +77,13 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
             timing.startup = time.perf_counter() - timing.started
             _score_windows(task, engine, feeder, store, settings, tally, cancel)
         t0 = time.perf_counter()
-        metrics = task.finish(store, settings.run_tag, reader.has_label, cancel)
+        sections = task.finish(store, FinishSpec(settings.run_tag, reader.has_label, judgements, settings.recall_k),
+                               cancel)
         timing.rank = store.rank_seconds
         tally.write_seconds += time.perf_counter() - t0 - timing.rank
         rows_read = {name: count.rows_read for name, count in reader.counts.items()}
-        report = build_report(task.name, model, settings.to_dict(), reader.files, rows_read, tally, metrics, timing,
-                              store.manifest["sessions"])
+        report = build_report(task.name, model, settings.to_dict(), reader.files, rows_read, tally, sections, timing,
+                              store.manifest["sessions"], _input_report(reader, cfg, judgements))
         store.write_report(report)
         store.publish()
     except (InputError, ConfigError, BackendUnavailable):
@@ -88,6 +95,19 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
         if pool is not None:
             pool.shutdown()
     return report
+
+
+def _input_report(reader, cfg: RunConfig, judgements) -> dict:
+    """What report.json says about how the inputs were read: the TSV quoting rule of each TSV
+    file, the reranking layout's files, where the judgements came from."""
+    out: dict = {"tsv_quoting": {name: asdict(q) for name, q in reader.quoting.items()}}
+    if cfg.rerank is not None:
+        out["rerank"] = reader.layout_report()
+    if judgements is not None:
+        out["judgements"] = {"source": "qrels", "file": str(cfg.qrels), **judgements.summary()}
+    elif reader.has_label:
+        out["judgements"] = {"source": "labels"}
+    return out
 
 
 def _score_windows(task: Task, engine, feeder: ChunkFeeder, store: RunStore, settings: Settings,

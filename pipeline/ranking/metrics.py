@@ -4,10 +4,10 @@ their combination over disjoint sets of queries (the final ranking is computed b
 One semantics, trec_eval's (what `ir-measures` and `pytrec_eval` compute), on our ranking:
 
 * Ranking. The documents of a query are ranked exactly as ``rank_per_query`` ranks them
-  (pipeline.ranking.order: score descending, ties by doc_id ascending in code-point order), so
-  the metrics can always be reproduced from the ranks written out. trec_eval itself orders tied
-  scores by doc_id DEscending (and ir-measures' RR@k, from its msmarco provider, ascending like
-  us): our numbers are trec_eval's on a run whose scores follow our ranks (e.g. score = -rank).
+  (pipeline.ranking.order: score descending, ties by doc_id descending in code-point order,
+  which is trec_eval's tie order), so the metrics can always be reproduced from the ranks
+  written out, and trec_eval on run.trec computes the same numbers. (ir-measures' RR@k, from its
+  msmarco provider, breaks ties the other way.)
 * Judgements come from the rows' labels (a finite label judges its row, NaN leaves it unjudged),
   or, with ``judgements=`` (qrels, `pipeline.ranking.judgements.Judgements`), from the qrels:
   the row labels are then ignored and a row's relevance is the qrels' value for its

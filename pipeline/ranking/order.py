@@ -3,7 +3,8 @@
 * qids are grouped by hashing each string once and sorting 64-bit integers: sorting
   millions of Python strings directly takes seconds;
 * the within-query order is one integer sort of (query, score) packed into one int64 key;
-  the doc_id tie-break sorts only rows whose scores actually tie, usually almost none.
+  the doc_id tie-break (descending, as trec_eval) sorts only rows whose scores actually tie,
+  usually almost none.
 
 `_rank` is shared with the metrics (pipeline.ranking.metrics), so they rank documents exactly
 as ``rank_per_query`` does.
@@ -148,7 +149,7 @@ def _doc_id_codes(doc_id: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Ranked:
-    order: np.ndarray  # rows by (query, score desc, doc_id, row index)
+    order: np.ndarray  # rows by (query, score desc, doc_id desc, row index)
     rank: np.ndarray  # 1-based rank per input row
     group: np.ndarray  # query code per row, 0..n_groups-1 by first appearance
     n_groups: int
@@ -165,7 +166,10 @@ def _rank(qid: np.ndarray, doc_id: np.ndarray, score: np.ndarray) -> _Ranked:
     # group ascending, then score descending; at most n * n < 2**63 for any realistic n
     key = group * n_scores + (n_scores - 1 - score_code)
     order = np.argsort(key, kind="stable")
-    _sort_tie_runs(order, key, lambda rows: _doc_id_codes(doc_id[rows]))
+    # Ties by doc_id DESCENDING, as trec_eval breaks them (it sorts a query's run by score,
+    # then by strcmp of the docnos, reversed), so ranks written to run.trec are trec_eval's and
+    # trec_eval on run.trec computes the report's metrics.
+    _sort_tie_runs(order, key, lambda rows: -_doc_id_codes(doc_id[rows]))
     return _Ranked(order, _ranks_from_order(order, group, n_groups), group, n_groups, key)
 
 
@@ -176,9 +180,9 @@ def rank_per_query(
 
     Returns ``(order, rank)``. ``order`` is an int64 permutation of row indices listing rows
     grouped by qid (qids in order of first appearance, so output follows input), within a qid
-    by score descending, ties broken by doc_id ascending (string comparison by code point) so
-    that the result does not depend on the order the rows arrived in; rows equal in qid, score
-    and doc_id keep input order. ``rank`` is int64, the 1-based rank of each row within its
+    by score descending, ties broken by doc_id descending (string comparison by code point, which
+    is UTF-8 byte order: trec_eval's tie order) so that the result does not depend on the order
+    the rows arrived in; rows equal in qid, score and doc_id keep input order. ``rank`` is int64, the 1-based rank of each row within its
     qid, aligned with the INPUT rows (``rank[i]`` is row i's rank).
 
     qid and doc_id are 1-D arrays of str (unicode or object dtype). NaN scores raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -22,8 +23,32 @@ from pipeline.cancel import CancelToken
 from pipeline.engine.engine import BatchStats, Engine
 from pipeline.engine.text import TokenizeRequest, TokenizeResult
 from pipeline.errors import ConfigError
-from pipeline.io.reader import Chunk, DatasetReader, Reject
+from pipeline.io.reader import Chunk, ColumnMap, DatasetReader, Reject
+from pipeline.io.rerank import RerankSources
 from pipeline.io.store import RunStore
+from pipeline.ranking.judgements import Judgements
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a task's reader reads: files (or the reranking layout's three files) and how."""
+
+    files: tuple[Path, ...]
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    chunk_rows: int = 2048
+    tsv_quoting: str = "auto"  # pipeline.io.formats.TSV_QUOTING
+    rerank: RerankSources | None = None  # queries + corpus + candidates instead of `files`
+    index_cache: Path | None = None  # where corpus indexes are kept (rerank)
+
+
+@dataclass(frozen=True)
+class FinishSpec:
+    """What a task's final files and metrics depend on beyond the committed windows."""
+
+    run_tag: str
+    labelled: bool  # some input row has a label (or reference)
+    judgements: Judgements | None = None  # qrels: the metrics use them instead of the labels
+    recall_k: int | None = None  # also report recall at this depth
 
 
 @dataclass
@@ -57,8 +82,9 @@ class Task(Protocol):
     output_files: tuple[str, ...]  # the final files it publishes in the output folder
     progress_unit: str  # what `on_batch` counts: 'rows' | 'tokens'
 
-    def open_reader(self, inputs, columns, chunk_rows: int):
-        """The reader of its input (`DatasetReader` or `PromptReader`); checks every header."""
+    def open_reader(self, spec: InputSpec):
+        """The reader of its input (`DatasetReader`, `RerankReader` or `PromptReader`); checks
+        every header."""
 
     def encoder_spec(self, model, settings):
         """The picklable tokenizer recipe its worker processes build (`.build().run(request)`)."""
@@ -72,8 +98,9 @@ class Task(Protocol):
     def process(self, engine: Engine, items: list[Item], results: list[TokenizeResult], file_index: dict[str, int],
                 cancel: CancelToken | None, on_batch: Callable[[int], None]) -> WindowOutput: ...
 
-    def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
-        """Write the task's final files into the store's staging folder; returns metrics or None."""
+    def finish(self, store: RunStore, spec: FinishSpec, cancel: CancelToken | None) -> dict:
+        """Write the task's final files into the store's staging folder; returns the report's
+        sections it owns: `metrics` (None when there are none) and any others."""
 
 
 def check_input(task: Task, reader: DatasetReader, tasks: dict[str, Task]) -> None:

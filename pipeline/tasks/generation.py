@@ -39,10 +39,11 @@ from pipeline.engine.decoding_settings import STOP, Candidate
 from pipeline.engine.engine import BatchStats
 from pipeline.engine.prompt_text import DETOKENIZE, PromptEncoderSpec
 from pipeline.engine.text import TokenizeRequest
+from pipeline.errors import ConfigError
 from pipeline.io.prompts import PromptReader
 from pipeline.io.rows import PromptChunk, Reject
 from pipeline.io.store import RunStore, clean
-from pipeline.tasks.base import Item, WindowOutput
+from pipeline.tasks.base import FinishSpec, InputSpec, Item, WindowOutput
 
 GENERATION_FILES = ("generations.jsonl", "predictions.tsv", "rejects.tsv", "report.json", "submission.zip")
 GENERATED_SCHEMA = pa.schema([
@@ -132,7 +133,6 @@ class GenerationRuntime:
 
 def _open_reranker(path: Path, settings):
     """A scoring model's engine, for re-ranking candidates (one stream, the run's threads)."""
-    from pipeline.config import ConfigError
     from pipeline.engine.engine import Engine, EngineSettings
     from pipeline.engine.modeldir import ModelInfo, load_model_info
 
@@ -148,8 +148,10 @@ class Generation:
     output_files = GENERATION_FILES
     progress_unit = "tokens"
 
-    def open_reader(self, inputs, columns, chunk_rows: int) -> PromptReader:
-        return PromptReader(inputs, columns, chunk_rows=chunk_rows)
+    def open_reader(self, spec: InputSpec) -> PromptReader:
+        if spec.rerank is not None:
+            raise ConfigError("the reranking layout (--queries/--corpus/--candidates) is for scoring models")
+        return PromptReader(spec.files, spec.columns, chunk_rows=spec.chunk_rows, tsv_quoting=spec.tsv_quoting)
 
     def encoder_spec(self, model, settings) -> PromptEncoderSpec:
         g = settings.generation
@@ -253,7 +255,7 @@ class Generation:
         order = np.argsort(table.column("row").to_numpy(), kind="stable")
         return table.take(pa.array(order)), per_file
 
-    def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
+    def finish(self, store: RunStore, spec: FinishSpec, cancel: CancelToken | None) -> dict:
         from pipeline.tasks.text_metrics import generation_metrics
 
         cancel = cancel or CancelToken()
@@ -277,7 +279,7 @@ class Generation:
                         hyps.append(best)
                         refs.append(ref)
         _write_rejects(store)
-        return generation_metrics(hyps, refs) if labelled else None
+        return {"metrics": generation_metrics(hyps, refs) if spec.labelled else None}
 
 
 def _write_rejects(store: RunStore) -> None:

@@ -24,8 +24,9 @@ from pipeline.engine.text import TextEncoderSpec, TokenizeRequest, TokenizeResul
 from pipeline.engine.tokenizer import Encoded
 from pipeline.io.exports import write_ranking_outputs
 from pipeline.io.reader import Chunk, DatasetReader, Reject
+from pipeline.io.rerank import RerankReader
 from pipeline.io.store import FILES, RunStore
-from pipeline.tasks.base import Item, WindowOutput, sequence_built
+from pipeline.tasks.base import FinishSpec, InputSpec, Item, WindowOutput, sequence_built
 
 SCORED_SCHEMA = pa.schema([("row", pa.int64()), ("file", pa.int32()), ("line", pa.int64()), ("qid", pa.string()),
                            ("doc_id", pa.string()), ("label", pa.float64()), ("score", pa.float64())])
@@ -62,8 +63,10 @@ class _Scoring:
     output_files = FILES
     progress_unit = "rows"
 
-    def open_reader(self, inputs, columns, chunk_rows: int) -> DatasetReader:
-        return DatasetReader(inputs, columns, chunk_rows=chunk_rows)
+    def open_reader(self, spec: InputSpec) -> DatasetReader | RerankReader:
+        if spec.rerank is not None:
+            return RerankReader(spec.rerank, spec.columns, spec.chunk_rows, spec.index_cache, spec.tsv_quoting)
+        return DatasetReader(spec.files, spec.columns, chunk_rows=spec.chunk_rows, tsv_quoting=spec.tsv_quoting)
 
     def encoder_spec(self, model, settings) -> TextEncoderSpec:
         return TextEncoderSpec.of(model)
@@ -71,9 +74,11 @@ class _Scoring:
     def open_engine(self, model, settings, backend, pool=None) -> Engine:
         return Engine(model, settings.engine, backend)
 
-    def finish(self, store: RunStore, run_tag: str, labelled: bool, cancel: CancelToken | None) -> dict | None:
-        metrics = write_ranking_outputs(store, run_tag, labelled, cancel)
-        return metrics.to_dict() if metrics else None
+    def finish(self, store: RunStore, spec: FinishSpec, cancel: CancelToken | None) -> dict:
+        out = write_ranking_outputs(store, spec.run_tag, spec.labelled or spec.judgements is not None, cancel,
+                                    judgements=spec.judgements, recall_k=spec.recall_k)
+        return {"metrics": out.metrics.to_dict() if out.metrics else None,
+                "outputs": {"trec_escaped_rows": out.trec_escaped_rows}}
 
     def process(self, engine: Engine, items: list[Item], results: list[TokenizeResult], file_index: dict[str, int],
                 cancel: CancelToken | None, on_batch: Callable[[int], None]) -> WindowOutput:

@@ -112,6 +112,13 @@ def _mem_gb() -> float | None:
     return None
 
 
+def write_json(path: Path, data: dict) -> None:
+    """A benchmark's JSON result (folders created), and say where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def versions(names: list[str]) -> dict[str, str | None]:
     from importlib import metadata
 

@@ -31,7 +31,7 @@ from pipeline.io import exports
 from pipeline.io.exports import trec_id, write_ranking_outputs
 from pipeline.io.reader import Reject
 from pipeline.io.store import FILES, MANIFEST, PARTIAL, ResumeError, RunStore
-from pipeline.ranking import ranking_metrics
+from pipeline.ranking import RankingMetrics, ranking_metrics
 
 SCHEMA = pa.schema([("row", pa.int64()), ("file", pa.int32()), ("line", pa.int64()), ("qid", pa.string()),
                     ("doc_id", pa.string()), ("label", pa.float64()), ("score", pa.float64())])
@@ -94,7 +94,8 @@ def reference(windows: list, tag: str = "tag") -> dict[str, str]:
                                       zip(df["qid"], df["label"], df["score"]))}
     df["first_seen"] = pd.factorize(df["qid"])[0]
     df["neg_score"] = -(df["score"] + 0.0)  # + 0.0: -0.0 ties with 0.0
-    df = df.sort_values(["first_seen", "neg_score", "doc_id", "row"], kind="stable")
+    df = df.sort_values(["first_seen", "neg_score", "doc_id", "row"], ascending=[True, True, False, True],
+                        kind="stable")
     df["rank"] = df.groupby("first_seen").cumcount() + 1
     out["ranked.tsv"] = "qid\tdoc_id\trank\tscore\n" + "".join(
         f"{q}\t{d}\t{r}\t{s!r}\n" for q, d, r, s in zip(df["qid"], df["doc_id"], df["rank"], df["score"]))
@@ -113,7 +114,7 @@ def commit(store: RunStore, windows: list, start: int = 0) -> None:
 
 
 def finish(store: RunStore, cancel: CancelToken | None = None, **kw):
-    metrics = write_ranking_outputs(store, "tag", True, cancel, **kw)
+    metrics = write_ranking_outputs(store, "tag", True, cancel, **kw).metrics
     store.write_report({"metrics": metrics.to_dict() if metrics else None})
     store.publish()
     return metrics
@@ -126,7 +127,8 @@ def results(out: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- byte identity
 
 # Written by the TSV-based writer this store replaces (pipeline/writer.py before Parquet parts),
-# with QUERIES_PER_BUCKET = 2, tag "tag", labelled.
+# with QUERIES_PER_BUCKET = 2, tag "tag", labelled; since then, tied scores rank by doc_id
+# descending (trec_eval's order) and run.trec percent-encodes whitespace in ids.
 FIXTURE_WINDOWS = [
     ([(0, 0, 2, "q1", "d\t1", 1.0, 0.5), (1, 0, 3, "q2", "b", 0.0, -0.0), (2, 0, 4, "q1", "a", 2.0, 0.5),
       (3, 0, 5, "q 3", "x y", nan, inf)],
@@ -139,17 +141,24 @@ FIXTURE_WINDOWS = [
 FIXTURE = {
     "predictions.tsv": "q1\t1\t0.5\nq2\t0\t-0.0\nq1\t2\t0.5\nq 3\t\tinf\nq2\t0.5\t0.0\nq1\t0\t0.3333333333333333\n"
                        "q 4\t3\t-inf\nq 3\t1\t2.5\nq2\t4.25\t1e-300\n",
-    "ranked.tsv": "qid\tdoc_id\trank\tscore\nq1\ta\t1\t0.5\nq1\td 1\t2\t0.5\nq1\tc\t3\t0.3333333333333333\n"
-                  "q2\tc\t1\t1e-300\nq2\ta\t2\t0.0\nq2\tb\t3\t-0.0\nq 3\tx y\t1\tinf\nq 3\tx y\t2\t2.5\n"
+    "ranked.tsv": "qid\tdoc_id\trank\tscore\nq1\td 1\t1\t0.5\nq1\ta\t2\t0.5\nq1\tc\t3\t0.3333333333333333\n"
+                  "q2\tc\t1\t1e-300\nq2\tb\t2\t-0.0\nq2\ta\t3\t0.0\nq 3\tx y\t1\tinf\nq 3\tx y\t2\t2.5\n"
                   "q 4\té\t1\t-inf\n",
-    "run.trec": "q1 Q0 a 1 0.5 tag\nq1 Q0 d%201 2 0.5 tag\nq1 Q0 c 3 0.3333333333333333 tag\nq2 Q0 c 1 1e-300 tag\n"
-                "q2 Q0 a 2 0.0 tag\nq2 Q0 b 3 -0.0 tag\nq%203 Q0 x%20y 1 inf tag\nq%203 Q0 x%20y 2 2.5 tag\n"
+    "run.trec": "q1 Q0 d%201 1 0.5 tag\nq1 Q0 a 2 0.5 tag\nq1 Q0 c 3 0.3333333333333333 tag\nq2 Q0 c 1 1e-300 tag\n"
+                "q2 Q0 b 2 -0.0 tag\nq2 Q0 a 3 0.0 tag\nq%203 Q0 x%20y 1 inf tag\nq%203 Q0 x%20y 2 2.5 tag\n"
                 "q%204 Q0 é 1 -inf tag\n",
     "rejects.tsv": "file\tline\trow\tqid\tdoc_id\treason\nin.tsv\t6\t4\tq 9\tdz\tempty doc\n"
                    "in x.tsv\t10\t8\t\t\tfield  count\n",
 }
-FIXTURE_METRICS = {"mrr_at_10": 1.0, "ndcg_at_10": 1.0, "pnr": None, "pairs_correct": 4, "pairs_wrong": 0,
-                   "pairs_tied": 2, "queries": 4, "queries_without_relevant": 0, "k": 10}
+# By hand: q1 ranks d 1 (1), a (2), c (0); q2 c (4.25), b (0), a (0.5); q 3 its unjudged row
+# (score inf) first, then the judged one (1); q 4 é (3). RR = (1 + 1 + 1/2 + 1) / 4; NDCG
+# (2**label - 1) = (0.79672 + 0.99704 + 0.63093 + 1) / 4; linear = (0.85975 + 0.98566 + 0.63093 + 1) / 4.
+FIXTURE_METRICS = {"mrr_at_10": 0.875, "ndcg_at_10": 0.8561679876517765, "pnr": None, "pairs_correct": 4,
+                   "pairs_wrong": 0, "pairs_tied": 2, "queries": 4, "queries_without_relevant": 0, "k": 10,
+                   "ndcg_at_10_linear": 0.8690773263433904, "recall": None, "recall_k": None, "unjudged_rows": 1,
+                   "queries_without_judgements": 0, "judged_by": "labels", "qrels_queries": None,
+                   "qrels_queries_without_candidates": None, "relevant_missing": None,
+                   "ndcg_gain": RankingMetrics.NDCG_GAIN}
 
 
 @pytest.mark.parametrize("per_bucket", [1, 2, 4096])
@@ -398,7 +407,7 @@ OPEN_FILE_LIMIT_SCRIPT = textwrap.dedent("""
     for w, rows in enumerate(windows):
         cols = list(zip(*rows))
         store.commit_window(pa.table([pa.array(list(c), t) for c, t in zip(cols, types)], names=names), [], w + 1, {})
-    metrics = exports.write_ranking_outputs(store, "tag", True)
+    metrics = exports.write_ranking_outputs(store, "tag", True).metrics
     store.write_report({})
     store.publish()
     print(metrics.queries)
@@ -433,3 +442,10 @@ def test_trec_ids_round_trip_and_hold_no_whitespace(value):
 
 def test_trec_id_examples():
     assert [trec_id(v) for v in ("a b", "50%", "d1", "x\u3000y", "é")] == ["a%20b", "50%25", "d1", "x%E3%80%80y", "é"]
+
+
+def test_trec_escaped_rows_are_counted(tmp_path):
+    store = RunStore(tmp_path, FP, resume=False, restart=False)
+    commit(store, FIXTURE_WINDOWS)
+    out = write_ranking_outputs(store, "tag", True, queries_per_bucket=2)
+    assert out.trec_escaped_rows == 4  # d 1, both rows of q 3, q 4 (cleaned from q\n4)

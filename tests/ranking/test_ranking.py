@@ -30,6 +30,13 @@ TOL = 1e-12
 # --------------------------------------------------------------------------- references
 
 
+def ref_order(rows: list[int], doc, score) -> list[int]:
+    """rows by score descending, ties by doc_id descending (trec_eval's order), then row index:
+    two stable sorts with Python's string comparison."""
+    by_doc = sorted(rows, key=lambda i: doc[i], reverse=True)  # reverse=True keeps equal keys in order
+    return sorted(by_doc, key=lambda i: -score[i])
+
+
 def ref_rank(qid: list[str], doc: list[str], score: list[float]) -> tuple[list[int], list[int]]:
     groups: dict[str, list[int]] = {}  # dicts keep insertion order = first appearance
     for i, q in enumerate(qid):
@@ -37,7 +44,7 @@ def ref_rank(qid: list[str], doc: list[str], score: list[float]) -> tuple[list[i
     order: list[int] = []
     rank = [0] * len(qid)
     for rows in groups.values():
-        ranked = sorted(rows, key=lambda i: (-score[i], doc[i], i))
+        ranked = ref_order(rows, doc, score)
         for r, i in enumerate(ranked, start=1):
             rank[i] = r
         order.extend(ranked)
@@ -69,7 +76,7 @@ def ref_metrics(
         if q not in judged_queries:
             continue
         evaluated += 1
-        ranked = sorted(rows, key=lambda i: (-score[i], doc[i], i))
+        ranked = ref_order(rows, doc, score)
         rels = [max(rel_of[i], 0.0) if i in rel_of else 0.0 for i in ranked]
         unjudged += sum(i not in rel_of for i in rows)
         if qrels is None:
@@ -160,9 +167,9 @@ def test_rank_grouping_tie_break_and_alignment() -> None:
     doc = ["x", "y", "a", "b", "z", "m"]
     score = [1.0, 2.0, 1.0, 2.0, 0.0, 5.0]
     order, rank = rank_per_query(*arrays(qid, doc), np.array(score))
-    # b first (first seen), then a, then c; ties by doc_id; rank aligned with input rows
-    assert order.tolist() == [5, 2, 0, 3, 1, 4]
-    assert rank.tolist() == [3, 2, 2, 1, 1, 1]
+    # b first (first seen), then a, then c; ties by doc_id descending; rank aligned with input rows
+    assert order.tolist() == [5, 0, 2, 1, 3, 4]
+    assert rank.tolist() == [2, 1, 3, 2, 1, 1]
     assert order.dtype == np.int64 and rank.dtype == np.int64
 
 
@@ -170,14 +177,14 @@ def test_rank_doc_id_compares_as_string_and_accepts_unicode_dtype() -> None:
     qid = np.array(["q"] * 4)  # unicode dtype
     doc = np.array(["9", "10", "1", "é"])
     order, rank = rank_per_query(qid, doc, np.zeros(4))
-    assert order.tolist() == [2, 1, 0, 3]  # "1" < "10" < "9" < "é"
-    assert rank.tolist() == [3, 2, 1, 4]
+    assert order.tolist() == [3, 0, 1, 2]  # descending: "é" > "9" > "10" > "1"
+    assert rank.tolist() == [2, 3, 4, 1]
 
 
 def test_rank_negative_zero_ties_with_zero_and_inf_allowed() -> None:
     qid, doc = arrays(["q"] * 4, ["b", "a", "c", "d"])
     order, _ = rank_per_query(qid, doc, np.array([0.0, -0.0, np.inf, -np.inf]))
-    assert order.tolist() == [2, 1, 0, 3]
+    assert order.tolist() == [2, 0, 1, 3]
 
 
 def test_rank_duplicate_rows_keep_input_order() -> None:
@@ -270,10 +277,10 @@ def test_metrics_hand_case_qrels() -> None:
 
 
 def test_metrics_hand_case_ties_and_cutoff() -> None:
-    # one query, k=2. Ranked: x(3, 0) then y(1, 0) and z(1, 1) tie on score -> doc_id puts y
-    # before z, so the relevant doc is at rank 3 > k: RR 0 and DCG@2 0. Pairs: (z,x) wrong,
-    # (z,y) tied.
-    qid, doc, label, score = arrays(["q"] * 3, ["x", "z", "y"], [0, 1, 0], [3, 1, 1])
+    # one query, k=2. Ranked: x(3, 0) then y(1, 1) and z(1, 0) tie on score -> doc_id descending
+    # puts z before y, so the relevant doc is at rank 3 > k: RR 0 and DCG@2 0. Pairs: (y,x)
+    # wrong, (y,z) tied.
+    qid, doc, label, score = arrays(["q"] * 3, ["x", "y", "z"], [0, 1, 0], [3, 1, 1])
     m = ranking_metrics(qid, doc, label, score, k=2)
     assert m.mrr_at_10 == 0.0 and m.ndcg_at_10 == 0.0
     assert (m.pairs_correct, m.pairs_wrong, m.pairs_tied) == (0, 1, 1)
@@ -450,7 +457,7 @@ def test_single_query_with_100k_candidates(fractional: bool) -> None:
     s = score[order]
     assert np.all(s[:-1] >= s[1:])
     tie = s[:-1] == s[1:]
-    assert np.all(doc[order][:-1][tie] < doc[order][1:][tie])
+    assert np.all(doc[order][:-1][tie] > doc[order][1:][tie])
 
 
 def test_many_queries_scale() -> None:

@@ -7,10 +7,10 @@ What each reference computes, and how the comparisons line up with our semantics
 (pipeline.ranking.metrics):
 
 * trec_eval (pytrec_eval; nDCG@k and R@k in ir-measures) orders tied scores by doc_id
-  DEscending, we by doc_id ascending. trec_eval therefore gets a tie-free run whose scores
-  follow the order an independent Python sort gives, (-score, doc_id) per query; ir-measures'
-  RR@10 (its msmarco provider sorts (-score, doc_id) ascending, as we do) gets the raw tied
-  scores, which checks our tie order against a trusted implementation directly.
+  DEscending, and so do we (pipeline.ranking.order), so trec_eval gets the RAW tied scores. It
+  also gets a tie-free run whose scores follow the order an independent Python sort gives,
+  (-score, doc_id descending) per query. ir-measures' RR@10 comes from its msmarco provider,
+  which breaks ties the other way (doc_id ascending): it gets the tie-free run only.
 * trec_eval averages over the queries of both the run and the qrels, as we do; ir-measures'
   calc_aggregate averages over all the qrels' queries, a query without candidates counting 0:
   its means times the qrels' query count equal ours times our query count.
@@ -102,9 +102,9 @@ def judgements_of(qrels: dict[str, dict[str, int]]) -> Judgements:
 # --------------------------------------------------------------------------- reference runs
 
 
-def sorted_run(qid, doc, score, descending_ties: bool = False) -> dict[str, list[str]]:
-    """Per query, doc ids by (-score, doc_id) with Python's sort (code-point order), or with the
-    ties the other way round (what trec_eval does with tied scores)."""
+def sorted_run(qid, doc, score, descending_ties: bool = True) -> dict[str, list[str]]:
+    """Per query, doc ids by (-score, doc_id descending) with Python's sort (code-point order:
+    trec_eval's order and ours), or with the ties the other way round."""
     per_query: dict[str, list[tuple[float, str]]] = {}
     for q, d, s in zip(qid.tolist(), doc.tolist(), score.tolist()):
         per_query.setdefault(q, []).append((s, d))
@@ -133,8 +133,9 @@ def exponential(qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
 
 
 def pytrec(qrels, run) -> dict[str, float]:
-    """trec_eval's means over the queries of both run and qrels, RR@10 from the run cut at 10."""
-    top = {q: dict(sorted(docs.items(), key=lambda t: -t[1])[:K]) for q, docs in run.items()}
+    """trec_eval's means over the queries of both run and qrels, RR@10 from the run cut at 10
+    (in trec_eval's order: score descending, ties by doc_id descending)."""
+    top = {q: dict(sorted(sorted(docs.items(), reverse=True), key=lambda t: -t[1])[:K]) for q, docs in run.items()}
     per_query = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{K}", f"recall.{RECALL_K}"}).evaluate(run)
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top)
     assert rr.keys() == per_query.keys()
@@ -166,22 +167,24 @@ def close(a: float, b: float) -> bool:
 
 
 def check_against_trec_eval(m: RankingMetrics, qrels, qid, doc, score) -> None:
+    raw = raw_run(qid, doc, score)  # tied scores as they are: trec_eval breaks the ties as we do
     run = tie_free(sorted_run(qid, doc, score))
-    ref = pytrec(qrels, run)
-    assert m.queries == ref["queries"]
-    assert close(m.ndcg_at_10_linear, ref["ndcg"]), (m.ndcg_at_10_linear, ref["ndcg"])
-    assert close(m.mrr_at_10, ref["rr"]), (m.mrr_at_10, ref["rr"])
-    assert close(m.recall, ref["recall"]), (m.recall, ref["recall"])
-    assert close(m.ndcg_at_10, pytrec(exponential(qrels), run)["ndcg"])
+    for reference_run in (raw, run):
+        ref = pytrec(qrels, reference_run)
+        assert m.queries == ref["queries"]
+        assert close(m.ndcg_at_10_linear, ref["ndcg"]), (m.ndcg_at_10_linear, ref["ndcg"])
+        assert close(m.mrr_at_10, ref["rr"]), (m.mrr_at_10, ref["rr"])
+        assert close(m.recall, ref["recall"]), (m.recall, ref["recall"])
+        assert close(m.ndcg_at_10, pytrec(exponential(qrels), reference_run)["ndcg"])
 
     # ir-measures: means over all qrels queries (a query without candidates counts 0)
     scale = m.queries / len(qrels)
-    agg = measures(qrels, run)
+    agg = measures(qrels, raw)
     assert close(m.ndcg_at_10_linear * scale, agg[nDCG @ K])
     assert close(m.recall * scale, agg[R @ RECALL_K])
-    assert close(m.ndcg_at_10 * scale, measures(exponential(qrels), run)[nDCG @ K])
-    # RR@10 from ir-measures' msmarco provider, which sorts the RAW tied scores as we do
-    assert close(m.mrr_at_10 * scale, measures(qrels, raw_run(qid, doc, score))[RR @ K])
+    assert close(m.ndcg_at_10 * scale, measures(exponential(qrels), raw)[nDCG @ K])
+    # RR@10 from ir-measures' msmarco provider, which breaks ties the other way: the tie-free run
+    assert close(m.mrr_at_10 * scale, measures(qrels, run)[RR @ K])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -224,7 +227,7 @@ def test_the_data_tells_wrong_variants_apart(with_qrels: bool) -> None:
     qid, doc, label, score = generate(0)
     qrels = generate_qrels(0, qid, doc, label) if with_qrels else qrels_of_labels(qid, doc, label)
     right = pytrec(qrels, tie_free(sorted_run(qid, doc, score)))
-    other_ties = pytrec(qrels, tie_free(sorted_run(qid, doc, score, descending_ties=True)))
+    other_ties = pytrec(qrels, tie_free(sorted_run(qid, doc, score, descending_ties=False)))
     condensed = pytrec(qrels, tie_free(sorted_run(qid, doc, score), keep=lambda q, d: d in qrels.get(q, {})))
     for wrong in (other_ties, condensed):
         assert abs(wrong["ndcg"] - right["ndcg"]) > 1e-4 and abs(wrong["rr"] - right["rr"]) > 1e-4
@@ -238,29 +241,33 @@ def test_the_data_tells_wrong_variants_apart(with_qrels: bool) -> None:
         assert abs(only_seen["ndcg"] - right["ndcg"]) > 1e-3 and abs(only_seen["recall"] - right["recall"]) > 1e-3
 
 
-def test_tie_order_with_non_ascii_ids_equals_ir_measures() -> None:
-    """All scores tied: the rank of the relevant doc is its place in code-point order, as in
-    ir-measures' RR@10 (and Python's sort); each doc is the relevant one in turn."""
+def test_tie_order_with_non_ascii_ids_equals_trec_eval() -> None:
+    """All scores tied: the rank of the relevant doc is its place in descending code-point order
+    (UTF-8 byte order, trec_eval's strcmp), as trec_eval ranks it; each doc is the relevant one
+    in turn."""
     ids = ["é", "z", "a", "Z", "中", "e\u0301", "ä", "😀", "A", "10", "9", "ß"]
+    assert sorted(ids) == sorted(ids, key=lambda d: d.encode("utf-8"))  # code points = UTF-8 bytes
     n = len(ids)
     for relevant in ids:
         qrels = {"q": {d: int(d == relevant) for d in ids}}
         label = np.array([float(d == relevant) for d in ids])
         m = ranking_metrics(np.array(["q"] * n, dtype=object), np.array(ids, dtype=object), label, np.ones(n),
                             k=K, recall_k=RECALL_K)
-        want = 1 / (sorted(ids).index(relevant) + 1)
+        want = 1 / (sorted(ids, reverse=True).index(relevant) + 1)
         assert close(m.mrr_at_10, want if want >= 1 / K else 0.0)
-        assert close(m.mrr_at_10, measures(qrels, {"q": {d: 1.0 for d in ids}})[RR @ K])
+        full = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate({"q": {d: 1.0 for d in ids}})
+        assert close(full["q"]["recip_rank"], want)  # trec_eval on the tied run, uncut
         check_against_trec_eval(m, qrels, np.array(["q"] * n, dtype=object), np.array(ids, dtype=object),
                                 np.ones(n))
 
 
 def test_trec_eval_itself_orders_tied_scores_by_doc_id_descending() -> None:
-    """Why trec_eval gets a tie-free run above: on tied scores its order is the reverse of ours
-    (a, b, c, d tied, d relevant: trec_eval puts d first)."""
+    """Our tie order is trec_eval's (a, b, c, d tied, d relevant: d first), not that of
+    ir-measures' RR@k (its msmarco provider puts d last)."""
     qrels = {"q": {"a": 0, "b": 0, "c": 0, "d": 1}}
     tied = {"q": {d: 1.0 for d in "abcd"}}
     assert pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(tied)["q"]["recip_rank"] == 1.0
     m = ranking_metrics(np.array(["q"] * 4, dtype=object), np.array(list("abcd"), dtype=object),
                         np.array([0.0, 0, 0, 1]), np.ones(4))
-    assert m.mrr_at_10 == 0.25 == measures(qrels, tied)[RR @ K]
+    assert m.mrr_at_10 == 1.0
+    assert measures(qrels, tied)[RR @ K] == 0.25
