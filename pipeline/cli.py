@@ -93,15 +93,21 @@ def _add_tsv_quoting_flag(p) -> None:
                         "report.json says which rule each file was read with")
 
 
-def _add_column_flags(p) -> None:
-    """--col-qid, --col-query, ...: which input column holds each field (see ColumnMap)."""
-    for field in ColumnMap.__dataclass_fields__:
+SCORING_COLUMNS = ("qid", "query", "doc_id", "doc", "label", "input_ids", "token_type_ids")
+GENERATION_COLUMNS = ("id", "prompt", "messages", "reference")
+
+
+def _add_column_flags(p, fields: tuple[str, ...] = SCORING_COLUMNS) -> None:
+    """--col-qid, --col-query, ...: which input column holds each field the command reads (see ColumnMap)."""
+    for field in fields:
         p.add_argument(f"--col-{field.replace('_', '-')}", dest=f"col_{field}", default=field,
                        help=f"input column holding {field}")
 
 
 def _columns(args) -> ColumnMap:
-    return ColumnMap(**{f: getattr(args, f"col_{f}") for f in ColumnMap.__dataclass_fields__})
+    """The ColumnMap of the --col-* flags the command has (the others keep their names)."""
+    given = [f for f in ColumnMap.__dataclass_fields__ if hasattr(args, f"col_{f}")]
+    return ColumnMap(**{f: getattr(args, f"col_{f}") for f in given})
 
 
 def _run_parser(sub) -> None:
@@ -236,7 +242,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on for a terminal)")
     _add_tsv_quoting_flag(p)
-    _add_column_flags(p)
+    _add_column_flags(p, GENERATION_COLUMNS)
 
 
 def _convert_parser(sub) -> None:

@@ -188,6 +188,9 @@ def test_the_installed_copy_runs_from_another_folder(installed, tmp_path):
     r = _run([installed["script"], "run", "missing.tsv", "--model", "no-such-model", "--out", "out"], where, env)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.startswith("error:") and "no-such-model" in r.stderr
+    # installed there is no embedded sample: no input is refused before any model is converted
+    r = _run([installed["script"], "run"], where, env)
+    assert r.returncode == 2 and "give input files" in r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "home" / ".cache").exists()  # nothing converted
 
 

@@ -288,8 +288,20 @@ class CorpusIndex:
             if first_id is not None and first_id == this_id:
                 self.stats.duplicate_ids += 1
                 if not self.stats.first_duplicate:
-                    self.stats.first_duplicate = f"id {this_id!r} at byte {int(self.offsets[i])}"
+                    self.stats.first_duplicate = f"line {self._line_at(int(self.offsets[i]))}: id {this_id!r}"
         self.close()
+
+    def _line_at(self, offset: int) -> int:
+        """1-based number of the line starting at byte `offset` (reads the file up to it)."""
+        newlines, done = 0, 0
+        with open(self.path, "rb") as f:
+            while done < offset:
+                block = f.read(min(1 << 20, offset - done))
+                if not block:
+                    break
+                newlines += block.count(b"\n")
+                done += len(block)
+        return newlines + 1
 
     # -- reading
 

@@ -180,6 +180,7 @@ def test_corpus_index_duplicates_cache_and_unreadable_lines(tmp_path):
     index = CorpusIndex.open(path, cache)
     assert len(index) == 9 and index.stats.duplicate_ids == 1 and index.stats.unreadable_lines == 1
     assert index.stats.first_unreadable.startswith("line 7: malformed JSON")
+    assert index.stats.first_duplicate == "line 6: id 'd1'"
     texts, problems = index.texts(["d1", "7", "late", "nope", "é 5", "d8"])
     assert texts[:5] == ["Paris Paris is the capital of France.", "x", "t", None, "spaced   out"]
     assert texts[5] is None and problems[5].startswith("malformed JSON")
