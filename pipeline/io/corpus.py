@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.io.rows import InputError
 
-__all__ = ["CorpusIndex", "LookupStats", "load_queries", "lookup_layout"]
+__all__ = ["CorpusIndex", "LookupStats", "load_queries", "lookup_layout", "open_bytes"]
 
 _BEIR = (".jsonl", ".ndjson")
 _MSMARCO = (".tsv",)
@@ -84,7 +84,8 @@ def lookup_layout(path: Path, what: str) -> str:
                      f"no header)")
 
 
-def _open(path: Path) -> BinaryIO:
+def open_bytes(path: Path) -> BinaryIO:
+    """A lookup or candidates file's bytes (gunzipped for .gz), or InputError if it is missing or empty."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -143,7 +144,7 @@ def load_queries(path: Path, wanted: set[str]) -> tuple[dict[str, str], LookupSt
     layout = lookup_layout(path, "the queries file")
     stats = LookupStats(str(path), layout)
     out: dict[str, str] = {}
-    with _open(path) as f:
+    with open_bytes(path) as f:
         for line, raw in enumerate(f, 1):
             if raw.isspace():
                 continue
@@ -187,7 +188,7 @@ class CorpusIndex:
         if path.name.lower().endswith(".gz"):
             raise InputError(f"{path}: the corpus is read with seeks, which a gzip file does not allow: "
                              f"decompress it first (gunzip -k {path})")
-        _open(path).close()  # exists and is not empty
+        open_bytes(path).close()  # exists and is not empty
         cached = cls._cache_file(path, cache)
         if cached is not None and cached.exists():
             try:

@@ -27,7 +27,6 @@ disk behind its index (16 bytes a document).
 
 from __future__ import annotations
 
-import gzip
 import math
 from array import array
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io.corpus import CorpusIndex, LookupStats, load_queries
+from pipeline.io.corpus import CorpusIndex, LookupStats, load_queries, open_bytes
 from pipeline.io.formats import Record, TsvQuoting, detect_format, inspect_file, read_records
 from pipeline.io.rows import Chunk, ColumnMap, FileCount, InputError, Reject
 from pipeline.io.validate import KnownIdsReject, SeenPairs, Validator
@@ -66,17 +65,9 @@ def is_trec_run(path: Path) -> bool:
         return True
 
 
-def _open(path: Path):
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes)")
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-
-
 def _trec_records(path: Path) -> Iterator[tuple[int, tuple[str, str, float] | str]]:
     """(line, (qid, doc_id, score) | reject reason) of a TREC run file."""
-    with _open(path) as f:
+    with open_bytes(path) as f:
         for line, raw in enumerate(f, 1):
             if raw.isspace():
                 continue
@@ -119,7 +110,7 @@ class RerankReader:
         self.files = [cand]
         self.trec = is_trec_run(cand)
         if self.trec:
-            _open(cand).close()
+            open_bytes(cand).close()
             self.has_label = False
             self._layout = None
             self.candidates_format = "trec run"
@@ -133,7 +124,7 @@ class RerankReader:
             self.has_label = columns.label in self._layout.columns
             self.candidates_format = f"pair file ({self._layout.fmt})"
         for path in (sources.queries, sources.corpus):
-            _open(Path(path)).close()
+            open_bytes(Path(path)).close()
         self.counts: dict[str, FileCount] = {str(cand): FileCount(str(cand))}
         self.quoting: dict[str, TsvQuoting] = TsvQuoting.of(self.files, [self._layout]) if self._layout else {}
         self._prepared = False
