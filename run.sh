@@ -72,7 +72,7 @@ case "${1:-}" in
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest ${args[@]+"${args[@]}"}
         ;;
-    convert|generate|prune-vocab|quantize|rerank|run)
+    convert|gate|generate|prune-vocab|quantize|rerank|run)
         ensure_venv run
         pipeline "$@"
         ;;

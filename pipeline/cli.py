@@ -28,6 +28,7 @@ from pipeline.config import (
     DEFAULT_INPUT,
     DEFAULT_MODEL_NAME,
     DEFAULT_OUT,
+    PRECISIONS,
     ConfigError,
     GenerationOptions,
     RunConfig,
@@ -161,7 +162,10 @@ def _add_scoring_flags(p) -> None:
                    help="round each batch's length up to a multiple of this (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--device", choices=["cpu", "gpu"], default=d.device,
                    help="gpu needs requirements-gpu.txt (paddlepaddle-gpu); not verified on this project's machines")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default=d.precision, help="fp16: GPU only")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
+                   help="auto = the fastest precision the model passed the gate for and this CPU runs (int8 for an "
+                        "int8 model, bf16 where gated and the CPU has AVX512_BF16 or AMX, else fp32); bf16 and int8: "
+                        "CPU (oneDNN); fp16: GPU only; report.json says which ran and why (default: auto)")
     p.add_argument("--tensorrt", action="store_true", help="GPU: run subgraphs in TensorRT (dynamic shapes)")
     p.add_argument("--trt-varlen", action="store_true",
                    help="GPU + TensorRT + fp16: Paddle's variable-length ERNIE kernels (no padding computed)")
@@ -308,6 +312,45 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="overwrite --out, and write the model even if it fails the gate (marked failing in model.json)")
     _add_column_flags(p)
+
+
+def _gate_parser(sub) -> None:
+    p = sub.add_parser(
+        "gate", formatter_class=_HelpFormatter,
+        help="check a runtime precision (bf16) of a model on labelled data and record the result in its model.json",
+        description="Score labelled --data with the model at fp32 and at --precision, compare NDCG@10 and PNR (each "
+                    "may lose at most --max-loss-rate), and record the gate in the model's model.json; `run "
+                    "--precision auto` then uses the precision where the CPU runs it. A failing gate is recorded "
+                    "and refuses the precision unless --force.")
+    p.add_argument("model_dir", type=Path, help="fp32 runtime model directory (from `convert`)")
+    p.add_argument("--precision", choices=["bf16"], default="bf16", help="the precision to gate")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="labelled files or folders like the data the model will score (same formats as `run`)")
+    p.add_argument("--max-loss-rate", type=float, default=0.01,
+                   help="largest allowed |m_fp32 - m_bf16| / m_fp32 for NDCG@10 and PNR")
+    p.add_argument("--threads", type=int, default=None, help="predictor threads (default: core count)")
+    p.add_argument("--force", action="store_true",
+                   help="record a failing gate as accepted: explicit --precision bf16 then runs (auto still does not)")
+    _add_column_flags(p)
+
+
+def _gate(args) -> int:
+    from pipeline.convert import ConversionError
+    from pipeline.convert.gate import format_gate
+    from pipeline.convert.precision_gate import gate_precision
+
+    if args.max_loss_rate < 0:
+        raise ConversionError("--max-loss-rate must be >= 0")
+    gate = gate_precision(args.model_dir, args.data, args.precision, args.max_loss_rate, args.threads, args.force,
+                          _columns(args))
+    print(format_gate(gate))
+    where = args.model_dir / "model.json"
+    if gate.passed:
+        print(f"recorded in {where}: `run --precision auto` uses {args.precision} on CPUs that have it")
+        return 0
+    print(f"recorded in {where} as " + ("FAILED but accepted (--force): --precision bf16 runs, auto does not"
+                                        if args.force else "FAILED: --precision bf16 is refused on this model"))
+    return 0 if args.force else 1
 
 
 @contextmanager
@@ -458,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     _convert_parser(sub)
     _prune_parser(sub)
     _quantize_parser(sub)
+    _gate_parser(sub)
     args = parser.parse_args(argv)
     from pipeline.memory import limit_heap_fragmentation
 
@@ -468,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.job.run import RunError
 
     try:
-        return {"run": _run, "rerank": _run, "generate": _generate, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize}[args.command](args)
+        return {"run": _run, "rerank": _run, "generate": _generate, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize,
+                "gate": _gate}[args.command](args)
     except Cancelled:
         print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
               f"run the same command with --resume to continue", file=sys.stderr)

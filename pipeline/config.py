@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pipeline.engine.cpu import CpuFeatures
 from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.engine.decoding_settings import DecodingSettings
 from pipeline.engine.engine import EngineSettings
@@ -112,7 +113,7 @@ class RunConfig:
     max_batch_size: int = 64
     pad_multiple: int | None = None  # batch lengths rounded up to a multiple; None: 1 on CPU, 8 on GPU
     device: str = "cpu"  # 'cpu' | 'gpu'
-    precision: str = "fp32"  # 'fp32' | 'fp16' (GPU)
+    precision: str = "auto"  # PRECISIONS: 'auto' | 'fp32' | 'bf16' | 'int8' (CPU) | 'fp16' (GPU)
     tensorrt: bool = False  # GPU: TensorRT subgraphs
     trt_varlen: bool = False  # GPU + TensorRT fp16: variable-length ERNIE kernels
     workers: int | None = None  # tokenizer processes; None: the core count; 0: in-process
@@ -129,6 +130,10 @@ class RunConfig:
     qrels: Path | None = None  # judgements for the metrics instead of the rows' labels (scoring)
     recall_k: int | None = None  # also report recall at this depth (scoring)
     generation: GenerationOptions = field(default_factory=GenerationOptions)  # generation models only
+    cpu: CpuFeatures | None = None  # None: detected at resolve (tests inject one)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class Settings:
     run_tag: str
     tsv_quoting: str = "auto"
     recall_k: int | None = None
+    precision_reason: str = ""  # why this precision (what --precision auto saw)
     generation: GenerationSettings | None = None  # set for generation models
 
     @property
@@ -182,6 +188,8 @@ def resolve(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> Settings:
         return _resolve_generation(cfg, info)
     mode = _check_task(cfg, info)
     _check_device(cfg)
+    precision, precision_reason = choose_precision(cfg.precision, cfg.device, info,
+                                                   cfg.cpu or CpuFeatures.detect())
     # Tensor cores want sequence lengths in multiples of 8; on the CPU every padded token costs.
     pad_multiple = cfg.pad_multiple if cfg.pad_multiple is not None else (8 if cfg.device == "gpu" else 1)
     max_seq_len = _check_lengths(cfg, info, pad_multiple)
@@ -190,10 +198,10 @@ def resolve(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> Settings:
     workers, threads, streams, progress = _run_shape(cfg)
     return Settings(
         mode=mode, max_seq_len=max_seq_len, max_batch_tokens=cfg.max_batch_tokens,
-        max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=cfg.precision,
+        max_batch_size=cfg.max_batch_size, pad_multiple=pad_multiple, device=cfg.device, precision=precision,
         tensorrt=cfg.tensorrt, trt_varlen=cfg.trt_varlen, workers=workers, threads=threads, streams=streams,
         chunk_rows=cfg.chunk_rows, window_rows=max(cfg.window_rows, cfg.chunk_rows), progress=progress,
-        run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting, recall_k=cfg.recall_k,
+        run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting, recall_k=cfg.recall_k, precision_reason=precision_reason,
     )
 
 
@@ -204,7 +212,7 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
     mode = _check_task(cfg, info)
     if cfg.rerank is not None or cfg.qrels is not None or cfg.recall_k is not None:
         raise ConfigError("--queries/--corpus/--candidates, --qrels and --recall-at are for scoring runs, not `generate`")
-    if cfg.device != "cpu" or cfg.precision != "fp32" or cfg.tensorrt or cfg.trt_varlen:
+    if cfg.device != "cpu" or cfg.precision not in ("auto", "fp32") or cfg.tensorrt or cfg.trt_varlen:
         raise ConfigError("generation runs on the CPU in fp32 in this version (the decoder predictor has no GPU "
                           "path yet): drop --device/--precision/--tensorrt")
     g = cfg.generation
@@ -292,8 +300,11 @@ def _check_task(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> str:
 
 
 def _check_device(cfg: RunConfig) -> None:
-    if cfg.device not in ("cpu", "gpu") or cfg.precision not in ("fp32", "fp16"):
-        raise ConfigError(f"--device must be cpu or gpu and --precision fp32 or fp16 (got {cfg.device}, {cfg.precision})")
+    if cfg.device not in ("cpu", "gpu") or cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--device must be cpu or gpu and --precision one of {', '.join(PRECISIONS)} "
+                          f"(got {cfg.device}, {cfg.precision})")
+    if cfg.device == "gpu" and cfg.precision in ("bf16", "int8"):
+        raise ConfigError(f"--precision {cfg.precision} is a CPU precision (oneDNN); on the GPU use fp32 or fp16")
     if cfg.precision == "fp16" and cfg.device != "gpu":
         raise ConfigError("--precision fp16 needs --device gpu: this CPU has no fp16 arithmetic and Paddle "
                           "registers no fp16 CPU kernels")
@@ -302,6 +313,54 @@ def _check_device(cfg: RunConfig) -> None:
     if cfg.trt_varlen and not (cfg.tensorrt and cfg.precision == "fp16"):
         raise ConfigError("--trt-varlen needs --tensorrt and --precision fp16 (Paddle's variable-length "
                           "ERNIE plugins exist only in half precision or int8)")
+
+
+def choose_precision(requested: str, device: str, info: ModelInfo, cpu: CpuFeatures) -> tuple[str, str]:
+    """(precision, why) for a scoring run: what `--precision` asked for, checked against the
+    model directory (an int8 model runs int8 only; bf16 and int8 on an fp32 model) and the CPU
+    (no bf16 without AVX512_BF16 or AMX: Paddle would silently run fp32 there). `auto` takes the
+    fastest precision the model has passed the gate for and the CPU runs: int8 for an int8 model,
+    else bf16 when gated and supported, else fp32."""
+    if device == "gpu":
+        return ("fp32", "auto on the GPU: fp32 (ask for --precision fp16)") if requested == "auto" \
+            else (requested, f"--precision {requested}")
+    where = f"this CPU ({cpu.model or 'unknown'}, oneDNN ISA {cpu.isa}{', capped by ONEDNN_MAX_CPU_ISA' if cpu.isa_cap else ''})"
+    if info.precision == "int8":
+        if requested not in ("auto", "int8"):
+            raise ConfigError(f"{info.path} is an int8 model (from `quantize`): it runs int8 only; for "
+                              f"--precision {requested} use the fp32 model it was quantised from")
+        gate = info.quantization.gate_passed if info.quantization else None
+        why = (f"{'auto: ' if requested == 'auto' else '--precision int8: '}an int8 model"
+               f"{'' if gate else ' (its gate did NOT pass: written with --force)' if gate is False else ''}"
+               f"{'' if cpu.vnni else '; no VNNI on ' + where + ': int8 runs, more slowly'}")
+        return "int8", why
+    if requested == "int8":
+        raise ConfigError(f"{info.path} is an fp32 model: int8 needs a quantised copy, made and gated by "
+                          f"`python -m pipeline quantize {info.path} --calib FILES --out INT8_DIR`; run that one")
+    gate = info.gates.get("bf16")
+    bf16_gate = bool(gate and gate.get("passed"))
+    if requested == "bf16":
+        if not cpu.bf16:
+            raise ConfigError(f"--precision bf16 needs bf16 kernels (AVX512_BF16 or AMX), which {where} lacks: "
+                              f"Paddle would silently run fp32; use --precision fp32 (or auto)")
+        if gate and not bf16_gate and not gate.get("forced"):
+            loss = ", ".join(f"{m} {100 * r:.2f}%" for m, r in gate.get("loss_rate", {}).items() if r is not None)
+            raise ConfigError(f"{info.path} FAILED its bf16 gate ({loss} lost, limit "
+                              f"{100 * gate.get('max_loss_rate', 0):.2f}%): bf16 is refused; use fp32, or accept "
+                              f"the loss with `python -m pipeline gate {info.path} --precision bf16 --data FILES --force`")
+        if bf16_gate:
+            return "bf16", "--precision bf16 (gated on this model)"
+        return "bf16", ("--precision bf16; its gate failed and was accepted with --force" if gate else
+                        f"--precision bf16; NOT gated on this model (`python -m pipeline gate {info.path} "
+                        f"--precision bf16 --data FILES` checks the metric)")
+    if requested == "fp32":
+        return "fp32", "--precision fp32"
+    if bf16_gate and cpu.bf16:
+        return "bf16", f"auto: bf16, which the model passed the gate for, and {where} runs natively"
+    if bf16_gate:
+        return "fp32", f"auto: fp32; the model passed the bf16 gate but {where} has no bf16 kernels"
+    return "fp32", ("auto: fp32; no faster precision is gated for this model"
+                    + (" (bf16 would run here: gate it with `python -m pipeline gate`)" if cpu.bf16 else ""))
 
 
 def _check_lengths(cfg: RunConfig, info: ModelInfo, pad_multiple: int) -> int:

@@ -1,6 +1,8 @@
-"""The quality gate of a derived model (int8 today): the same held-out rows scored by the
-reference and the candidate model through the engine, exactly as `run` scores them, and the
-ranking metrics compared (no paddle here; the engine imports it).
+"""The quality gate of a derived model or precision (an int8 copy from `quantize`, bf16 from
+`gate`): the same held-out rows scored by the fp32 reference and the candidate through the
+engine, exactly as `run` scores them, and the ranking metrics compared (no paddle here; the
+engine imports it). `GateResult.fp32` holds the reference's metrics, `.int8` the candidate's
+(whatever its precision: `.candidate` names it; the field names predate bf16).
 
 Rows are split by a hash of the qid into a calibration half and a held-out half (no query is in
 both). The gate passes when NDCG@10 and PNR each lose at most `max_loss_rate`:
@@ -41,6 +43,7 @@ class GateResult:
     queries: int
     sequences: int
     seconds: dict = field(default_factory=dict)
+    candidate: str = "int8"  # the precision gated against fp32
 
 
 @dataclass
@@ -111,11 +114,15 @@ def loss_rate(fp32: float | None, int8: float | None) -> float | None:
 
 
 def evaluate_gate(fp32_info: ModelInfo, int8_info: ModelInfo, rows: Rows, max_loss_rate: float,
-                  threads: int) -> GateResult:
-    """Score `rows` with both models (one stream of `threads` threads each) and compare."""
+                  threads: int, candidate_precision: str = "fp32") -> GateResult:
+    """Score `rows` with both models (one stream of `threads` threads each) and compare; the
+    candidate (`int8_info`) runs at `candidate_precision` (bf16: the same directory as the
+    reference, run with bf16 kernels)."""
     metrics, scores, seconds, sequences = {}, {}, {}, 0
-    for name, info in (("fp32", fp32_info), ("int8", int8_info)):
-        with Engine(info, EngineSettings(max_seq_len=info.max_seq_len, threads=threads)) as engine:
+    runs = (("fp32", fp32_info, "fp32"), ("int8", int8_info, candidate_precision))
+    for name, info, precision in runs:
+        with Engine(info, EngineSettings(max_seq_len=info.max_seq_len, threads=threads,
+                                         precision=precision)) as engine:
             sequences = len(encode_rows(engine.text, info, rows, engine.settings.max_seq_len))
             t0 = time.perf_counter()
             scores[name] = score_rows(engine, rows)
@@ -133,17 +140,19 @@ def evaluate_gate(fp32_info: ModelInfo, int8_info: ModelInfo, rows: Rows, max_lo
         fp32=metrics["fp32"], int8=metrics["int8"], loss_rate=rates,
         max_abs_score_diff=float(np.max(np.abs(scores["fp32"] - scores["int8"]))) if len(rows) else 0.0,
         max_loss_rate=max_loss_rate, passed=passed, rows=len(rows), queries=len(set(rows.qid)),
-        sequences=sequences, seconds=seconds)
+        sequences=sequences, seconds=seconds,
+        candidate=candidate_precision if candidate_precision != "fp32" else int8_info.precision)
 
 
 def format_gate(gate: GateResult) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    c = gate.candidate
     lines = [f"gate on {gate.rows} held-out rows ({gate.queries} queries, {gate.sequences} sequences):"]
     for m in GATE_METRICS:
         r = gate.loss_rate[m]
-        lines.append(f"  {m:<11} fp32 {f(gate.fp32[m])}  int8 {f(gate.int8[m])}  loss rate "
+        lines.append(f"  {m:<11} fp32 {f(gate.fp32[m])}  {c} {f(gate.int8[m])}  loss rate "
                      f"{'n/a' if r is None else f'{100 * r:.2f}%'} (limit {100 * gate.max_loss_rate:.2f}%)")
-    lines.append(f"  mrr_at_10   fp32 {f(gate.fp32['mrr_at_10'])}  int8 {f(gate.int8['mrr_at_10'])}")
-    lines.append(f"  max |score fp32 - score int8| = {gate.max_abs_score_diff:.4g}")
+    lines.append(f"  mrr_at_10   fp32 {f(gate.fp32['mrr_at_10'])}  {c} {f(gate.int8['mrr_at_10'])}")
+    lines.append(f"  max |score fp32 - score {c}| = {gate.max_abs_score_diff:.4g}")
     lines.append(f"  {'PASSED' if gate.passed else 'FAILED'}")
     return "\n".join(lines)

@@ -10,7 +10,9 @@ into a typed `ModelInfo`; nothing else reads it by string key.
 - `pruning` (vocabulary-pruned directories, `prune-vocab`): the full `vocab.txt` still drives
   WordPiece and `id_map.npy` turns its ids into rows of the smaller embedding table; the map's
   checksum is verified here so a map and a model that do not belong together never run;
-- `quantization` (int8 directories, `quantize`): which op types run int8 and the gate result.
+- `quantization` (int8 directories, `quantize`): which op types run int8 and the gate result;
+- `gates` (written by `gate`): per runtime precision of this very directory (bf16), the quality
+  gate's record; `--precision auto` uses a precision only where `passed` is true.
 
 Format 1 directories (before `task` and `inputs` were written) are read too: their task is their
 `mode` and their inputs follow from `architecture.position_ids_input`, in `_upgrade_v1` alone.
@@ -132,6 +134,9 @@ class ModelInfo:
     pruning: Pruning | None = None
     quantization: Quantization | None = None
     id_map_file: Path | None = None  # set for vocabulary-pruned models (ids go through it)
+    # model.json "gates": precision -> its gate record ("passed", "forced", the metrics), for the
+    # runtime precisions gated on this very directory (`python -m pipeline gate`: bf16).
+    gates: dict = field(default_factory=dict, compare=False)
 
     @property
     def program_file(self) -> Path:
@@ -191,6 +196,7 @@ def _parse(path: Path, meta: dict) -> ModelInfo:
         program_revision=int(meta.get("program_revision", 1)), architecture=dict(arch), meta=meta,
         pruning=_pruning(meta["pruning"]) if "pruning" in meta else None,
         quantization=_quantization(meta["quantization"]) if "quantization" in meta else None,
+        gates={str(p): dict(g) for p, g in meta.get("gates", {}).items()},
     )
 
 

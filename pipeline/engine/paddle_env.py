@@ -21,7 +21,7 @@ import signal
 import threading
 import zlib  # noqa: F401 - see the module docstring
 
-_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> dict:

@@ -215,8 +215,10 @@ def format_summary(report: dict, out_dir: Path) -> str:
     if report.get("task") == "generate":
         return _format_generation_summary(report, out_dir)
     r, t, s = report["rows"], report["tokens"], report["seconds"]
+    used = report.get("precision", {}).get("used", report["model"]["precision"])
     lines = [
-        f"model      {report['model']['name']} ({report['model']['mode']}, {report['model']['precision']})",
+        f"model      {report['model']['name']} ({report['model']['mode']}, {used}: "
+        f"{report.get('precision', {}).get('reason', 'as converted')})",
         f"rows       read {r['read']}  scored {r['scored']}  rejected {r['rejected']}",
         f"tokens     {t['real']} real, {t['padded']} padded (+{100 * t['padding_overhead']:.1f}%), "
         f"{t['batches']} batches"

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.cancel import CancelToken
 from pipeline.config import ConfigError, RunConfig, Settings, cache_dir, check_writable, resolve
+from pipeline.engine.cpu import CpuFeatures, OnednnIsa
 from pipeline.engine.engine import Backend, BackendUnavailable
 from pipeline.engine.modeldir import ModelInfo
 from pipeline.io.qrels import read_qrels
@@ -57,6 +58,11 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
     cancel, timing = cancel or CancelToken(), Timing()
     settings = resolve(cfg, model)
     task = get_task(settings.mode)
+    cpu = cfg.cpu or CpuFeatures.detect()
+    # oneDNN's own word on the ISA it runs (a subprocess, cached per machine kind; not with a
+    # test backend or on the GPU)
+    probe = backend is None and settings.device == "cpu" and task.model_output != "tokens"
+    isa = OnednnIsa(model.path, cpu, cache_dir()) if probe else None
     reader = task.open_reader(InputSpec(cfg.inputs, cfg.columns, settings.chunk_rows, settings.tsv_quoting,
                                         cfg.rerank, cache_dir() / "corpus-index"))  # checks every header
     check_input(task, reader)
@@ -84,6 +90,8 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
         rows_read = {name: count.rows_read for name, count in reader.counts.items()}
         report = build_report(task.name, model, settings.to_dict(), reader.files, rows_read, tally, sections, timing,
                               store.manifest["sessions"], _input_report(reader, cfg, judgements))
+        report["precision"] = {"used": settings.precision, "reason": settings.precision_reason,
+                               "cpu": {**cpu.to_dict(), "onednn_isa": isa.result() if isa else None}}
         store.write_report(report)
         store.publish()
     except (InputError, ConfigError, BackendUnavailable):
