@@ -14,6 +14,12 @@ bi-encoder (cosine of mean-pooled, L2-normalised embeddings of query and doc):
                sentence-transformers `encode` on the distinct texts with that backend (.venv-bench)
   ort-p2o      onnxruntime on our runtime model exported by paddle2onnx, the pipeline's
                tokenizer and length-sorted token-budget batches, distinct texts  (.venv-bench)
+  ort-int8 / ort-int8-pc
+               as ort-p2o on onnxruntime's dynamic int8 of that export (quantize_dynamic, every
+               MatMul with a weight; weights per tensor / per channel)           (.venv-bench)
+  ct2 / ct2-int8
+               CTranslate2 Encoder (float32 / int8 from its TransformersConverter) on the same
+               tokenizer and batches as ort-p2o, mean pooling + L2 norm          (.venv-bench)
 
 Each system runs in its own process with the same thread count (--threads, given to each engine
 and as OMP/MKL_NUM_THREADS), --repeats times in alternating order; medians are reported.
@@ -22,6 +28,10 @@ tokenizing, inference, cosines); model load and process wall time are reported s
 The baseline costs the same per pair whatever the text (everything is padded to 256), so it
 scores only the first --baseline-pairs pairs; its quality figures are compared with our
 pipeline's on those same pairs.
+
+Every system's row carries its gate figures, the gate our int8 converter applies
+(pipeline.convert.gate): NDCG@10 and PNR of its scores against our fp32 pipeline's (first run) on
+the same pairs, loss rate |m_ref - m| / m_ref each, pass when both are <= 1%.
 
 Writes OUT/peers.json (every run, medians, environment), OUT/peers.png, OUT/peers.md, and with
 --docs also docs/benchmarks.{md,png,json}. Needs .venv (./run.sh; the baseline needs PaddleNLP:
@@ -54,8 +64,14 @@ from common import (  # noqa: E402
 
 BENCH_DIR = ROOT / "scripts" / "bench"
 RUNTIME_MODEL = ROOT / ".cache" / "models" / "all-MiniLM-L6-v2"
-BASE_SYSTEMS = ["baseline", "pipeline", "st-torch", "st-onnx", "st-openvino", "ort-p2o"]
-PEERS = {"st-torch", "st-onnx", "st-openvino", "ort-p2o"}
+BASE_SYSTEMS = ["baseline", "pipeline", "st-torch", "st-onnx", "st-openvino", "ort-p2o", "ort-int8", "ort-int8-pc",
+                "ct2", "ct2-int8"]
+PEERS = {"st-torch", "st-onnx", "st-openvino", "ort-p2o", "ort-int8", "ort-int8-pc", "ct2", "ct2-int8"}
+# system -> the exports prepare.py makes for it (in order)
+EXPORTS = {"ort-p2o": ["p2o"], "st-onnx": ["st-onnx"], "st-openvino": ["st-openvino"],
+           "ort-int8": ["p2o", "ort-int8"], "ort-int8-pc": ["p2o", "ort-int8-pc"], "ct2": ["ct2"],
+           "ct2-int8": ["ct2-int8"]}
+ENGINE_BATCHED = ("ort-p2o", "ort-int8", "ort-int8-pc", "ct2", "ct2-int8", "engine-ort", "engine-paddle")
 DOCS = ROOT / "docs"
 MARK_BEGIN, MARK_END = "<!-- bench_peers:begin -->", "<!-- bench_peers:end -->"
 
@@ -76,6 +92,20 @@ DESCRIPTIONS = {
     "ort-p2o": "onnxruntime (ORT_ENABLE_ALL, intra-op threads = T) on our runtime model exported by "
                "paddle2onnx, with the pipeline's tokenizer (in-process) and its length-sorted token-budget "
                "batches (same budget and pad multiple) on the distinct texts.",
+    "ort-int8": "as ort-p2o (same tokenizer, batches, session settings) on onnxruntime's dynamic int8 copy of the "
+                "same paddle2onnx export: `onnxruntime.quantization.quantize_dynamic(op_types_to_quantize=['MatMul'], "
+                "per_channel=False, weight_type=QInt8)` with its dynamic-mode default MatMulConstBOnly (the graph's "
+                "Constant weights made initializers first): every MatMul with a weight (QKV, attention output, both "
+                "FFN: 24 of 36) becomes MatMulInteger, weights int8 per tensor, activations uint8 quantised per "
+                "batch at run time (DynamicQuantizeLinear); the 12 activation-by-activation attention MatMuls and "
+                "everything else stay fp32.",
+    "ort-int8-pc": "as ort-int8 with `per_channel=True` (weights int8 per output channel).",
+    "ct2": "CTranslate2 `Encoder.forward_batch` (intra_threads = T, inter_threads 1, compute_type float32) on "
+           "the float32 model from `ctranslate2.converters.TransformersConverter` of the local checkpoint, as the "
+           "backend of the pipeline's Engine (same tokenizer and batches as ort-p2o); mean pooling over the "
+           "attention mask and L2 norm in numpy (the model's sentence-transformers Pooling/Normalize modules).",
+    "ct2-int8": "as ct2 on the converter's `quantization='int8'` model, compute_type int8 (int8 weights and "
+                "activations in the matrix products, float32 elsewhere).",
 }
 
 
@@ -129,6 +159,49 @@ def pipeline_variants() -> tuple[list[tuple[str, list[str]]], str]:
     return variants, f"--precision choices {choices}, default {default}"
 
 
+INT8_MODEL = RUNTIME_MODEL.parent / f"{RUNTIME_MODEL.name}-int8"  # where scripts/bench_int8.py keeps it too
+
+
+def ensure_int8_model() -> tuple[Path | None, dict]:
+    """pipeline-int8 needs an int8 copy of the runtime model: `python -m pipeline quantize` at its
+    defaults, calibrated and gated on data/sample (its held-out half), written even when it fails
+    its own gate (--force, as scripts/bench_int8.py does) so that it can be measured; reused while
+    it was quantised from the current fp32 model. Its recorded gate is returned with it."""
+    code = ("import json, sys; from pipeline.cli import default_model; from pipeline.engine.modeldir import "
+            "load_model_info, ModelDirError\n"
+            "fp32 = default_model()\n"
+            "try:\n    q = load_model_info(sys.argv[1]).quantization\n"
+            "except ModelDirError:\n    q = None\n"
+            "cur = q is not None and q.source_params_sha256 == fp32.checksum\n"
+            "rec = getattr(q, 'record', None) if q is not None else None\n"
+            "print(json.dumps({'current': cur, 'fp32': str(fp32.path), 'gate': (rec or {}).get('gate')}, default=str))")
+
+    def state() -> dict:
+        p = subprocess.run([str(MAIN_PYTHON), "-c", code, str(INT8_MODEL)], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(_tail(p.stderr))
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    try:
+        st = state()
+        made = False
+        if not st["current"]:
+            log(f"quantising {st['fp32']} -> {INT8_MODEL} for pipeline-int8 (`python -m pipeline quantize`)")
+            t0 = time.perf_counter()
+            p = subprocess.run([str(MAIN_PYTHON), "-m", "pipeline", "quantize", st["fp32"], "--calib",
+                                str(ROOT / "data" / "sample" / "pairs.tsv"), "--out", str(INT8_MODEL), "--force"],
+                               cwd=ROOT, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(_tail(p.stderr or p.stdout))
+            made = time.perf_counter() - t0
+            st = state()
+        return INT8_MODEL, {"path": str(INT8_MODEL), "quantized_seconds": made or None, "reused": not made,
+                            "recorded_gate": st.get("gate")}
+    except Exception as e:  # noqa: BLE001 - pipeline-int8 then fails on its own, with the pipeline's message
+        log(f"no int8 model for pipeline-int8: {e}")
+        return None, {"error": str(e)}
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -154,7 +227,11 @@ def run_one(system: str, extra: list[str], data: Path, run_dir: Path, threads: i
             cmd += ["--model-dir", str(paths[system])]
         if system in ("ort-p2o", "engine-ort"):
             cmd += ["--onnx", str(paths["p2o"]), "--runtime-model", str(RUNTIME_MODEL)]
-    if batching and system in ("ort-p2o", "engine-ort", "engine-paddle"):
+        if system in ("ort-int8", "ort-int8-pc"):
+            cmd += ["--onnx", str(paths[system]), "--runtime-model", str(RUNTIME_MODEL)]
+        if system in ("ct2", "ct2-int8"):
+            cmd += ["--model-dir", str(paths[system]), "--runtime-model", str(RUNTIME_MODEL)]
+    if batching and system in ENGINE_BATCHED:
         cmd += ["--batching", json.dumps(batching)]
     if not system.startswith("pipeline"):
         cmd += ["--data", str(data), "--out", str(run_dir), "--threads", str(threads)]
@@ -180,7 +257,10 @@ def run_one(system: str, extra: list[str], data: Path, run_dir: Path, threads: i
                 "pipeline_total_seconds": s["total"], "stage_seconds": s, "pairs": rep["rows"]["scored"],
                 "rows_rejected": rep["rows"]["rejected"], "texts_encoded": rep["tokens"]["sequences"],
                 "real_tokens": rep["tokens"]["real"], "padded_tokens": rep["tokens"]["padded"],
-                "batches": rep["tokens"]["batches"], "dedupe": True, "precision": rep["model"]["precision"],
+                "batches": rep["tokens"]["batches"], "dedupe": True,
+                # the precision that ran (settings, where the CLI resolves --precision), else the model's
+                "precision": rep["settings"].get("precision") or rep["model"]["precision"],
+                "precision_reason": rep["settings"].get("precision_reason"),
                 "settings": rep["settings"], "metrics_from_report": rep.get("metrics"),
                 "scores": str(run_dir / "scores.txt")}
     res_file = run_dir / "result.json"
@@ -199,13 +279,25 @@ def _tail(text: str | None, n: int = 1500) -> str:
 # ----------------------------------------------------------------------------- summary
 
 
-def summarise(runs: list[dict], order: list[str], analysis: dict, groups: dict) -> list[dict]:
+def reference_system(runs: list[dict]) -> str | None:
+    """Our fp32 pipeline, the reference of every quality figure and gate: `pipeline` (the CLI's
+    defaults) when it ran fp32, else `pipeline-fp32` (an explicit --precision fp32, for a CLI whose
+    default resolves to another precision on this machine)."""
+    for name in ("pipeline", "pipeline-fp32"):
+        r = next((r for r in runs if r["system"] == name and "error" not in r), None)
+        if r and r.get("precision") == "fp32":
+            return name
+    return None
+
+
+def summarise(runs: list[dict], order: list[str], analysis: dict, groups: dict, reference: str | None) -> list[dict]:
     ok_by = {s: [r for r in runs if r["system"] == s and "error" not in r] for s in order}
     table = []
     for s in order:
         ok = ok_by[s]
         errors = [r["error"] for r in runs if r["system"] == s and "error" in r]
-        row: dict = {"system": s, "group": groups[s], "runs_ok": len(ok), "runs_failed": len(errors)}
+        row: dict = {"system": s, "group": groups[s], "runs_ok": len(ok), "runs_failed": len(errors),
+                     "reference": s == reference}
         if errors:
             row["error"] = errors[0]
         if not ok:
@@ -214,7 +306,8 @@ def summarise(runs: list[dict], order: list[str], analysis: dict, groups: dict) 
         sec = statistics.median(r["seconds"] for r in ok)
         first = ok[0]
         row.update(
-            precision=first.get("precision"), pairs=first["pairs"], seconds_median=sec,
+            precision=first.get("precision"), precision_reason=first.get("precision_reason"), pairs=first["pairs"],
+            seconds_median=sec,
             seconds_all=[r["seconds"] for r in ok], seconds_min=min(r["seconds"] for r in ok),
             rows_per_second=first["pairs"] / sec, tokens_per_second=first["real_tokens"] / sec,
             texts_encoded=first["texts_encoded"], real_tokens=first["real_tokens"],
@@ -233,16 +326,20 @@ def summarise(runs: list[dict], order: list[str], analysis: dict, groups: dict) 
         row["max_abs_diff_vs_pipeline_fp32"] = a.get("max_abs_diff_vs_reference")
         if "reference_metrics_same_pairs" in a:
             row["pipeline_fp32_metrics_same_pairs"] = a["reference_metrics_same_pairs"]
+        row["pnr"] = (a.get("metrics") or {}).get("pnr")
+        row["gate"] = a.get("gate")
         reps = [analysis.get(f"{s}#{r['rep']}", {}).get("max_abs_diff_vs_first_run") for r in ok[1:]]
         row["max_abs_diff_between_runs"] = max([x for x in reps if x is not None], default=0.0)
         table.append(row)
     base = next((r for r in table if r["system"] == "baseline" and r.get("rows_per_second")), None)
+    ours = next((r for r in table if r["system"] == reference and r.get("rows_per_second")), None)
     peers = [r for r in table if r["group"] == "peer" and r.get("rows_per_second")]
     fastest = max(peers, key=lambda r: r["rows_per_second"]) if peers else None
     for r in table:
         if not r.get("rows_per_second"):
             continue
         r["ratio_to_baseline"] = r["rows_per_second"] / base["rows_per_second"] if base else None
+        r["ratio_to_pipeline_fp32"] = r["rows_per_second"] / ours["rows_per_second"] if ours else None
         r["ratio_to_fastest_peer"] = r["rows_per_second"] / fastest["rows_per_second"] if fastest else None
         r["fastest_peer"] = fastest["system"] if fastest else None
     return table
@@ -252,25 +349,39 @@ def fmt(v, spec: str, none: str = "n/a") -> str:
     return none if v is None else format(v, spec)
 
 
+def gate_cells(r: dict) -> list[str]:
+    """NDCG@10 loss, PNR loss, verdict: the gate against our fp32 pipeline on the same pairs."""
+    if r.get("reference"):
+        return ["reference", "reference", "reference"]
+    g = r.get("gate")
+    if not g:
+        return ["n/a", "n/a", "n/a"]
+    loss = g["loss_rate"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    return [pct(loss.get("ndcg_at_10")), pct(loss.get("pnr")), "pass" if g["passed"] else "FAIL"]
+
+
 def markdown_table(table: list[dict], baseline_pairs: int) -> str:
-    lines = ["| system | precision | rows/s | tokens/s | x plain baseline | x fastest peer | "
-             "max abs score diff vs our fp32 | NDCG@10 | load s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| system | precision | rows/s | tokens/s | x our fp32 | x plain baseline | x fastest peer | "
+             "max abs score diff vs our fp32 | NDCG@10 | PNR | NDCG@10 loss | PNR loss | gate (<= 1% each) | load s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in table:
         if not r.get("rows_per_second"):
             why = (r.get("error") or "").strip().splitlines()[-1:] or [""]
-            lines.append(f"| {r['system']} | | not run: {why[0].replace('|', '/')[:160]} | | | | | | |")
+            lines.append(f"| {r['system']} | | not run: {why[0].replace('|', '/')[:160]} |" + " |" * 11)
             continue
-        ndcg = fmt(r.get("ndcg_at_10"), ".4f")
+        ndcg, pnr = fmt(r.get("ndcg_at_10"), ".4f"), fmt(r.get("pnr"), ".4f")
         if r.get("pipeline_fp32_metrics_same_pairs"):
-            ref = r["pipeline_fp32_metrics_same_pairs"].get("ndcg_at_10")
-            ndcg += f" (first {r['pairs']} pairs; ours: {fmt(ref, '.4f')})"
+            ref = r["pipeline_fp32_metrics_same_pairs"]
+            ndcg += f" (first {r['pairs']} pairs; ours: {fmt(ref.get('ndcg_at_10'), '.4f')})"
+            pnr += f" (ours: {fmt(ref.get('pnr'), '.4f')})"
         diff = r.get("max_abs_diff_vs_pipeline_fp32")
         lines.append(
             f"| {r['system']} | {r.get('precision') or ''} | {r['rows_per_second']:,.1f} | {r['tokens_per_second']:,.0f} "
+            f"| {fmt(r.get('ratio_to_pipeline_fp32'), '.2f')} "
             f"| {fmt(r.get('ratio_to_baseline'), ',.1f')} | {fmt(r.get('ratio_to_fastest_peer'), '.2f')} "
-            f"| {'reference' if r['system'] == 'pipeline' else fmt(diff, '.1e')} | {ndcg} "
-            f"| {r['load_seconds_median']:.1f} |")
+            f"| {'reference' if r.get('reference') else fmt(diff, '.1e')} | {ndcg} | {pnr} "
+            f"| {' | '.join(gate_cells(r))} | {r['load_seconds_median']:.1f} |")
     return "\n".join(lines)
 
 
@@ -315,6 +426,16 @@ def where_time_goes(table: list[dict]) -> list[str]:
         if r["group"] == "peer" and r["rows_per_second"] > ours["rows_per_second"] and r.get("precision") == ours.get("precision"):
             out.append(f"Behind {name} by {100 * (1 - ours['rows_per_second'] / r['rows_per_second']):.0f}% "
                        f"({ours['rows_per_second']:.1f} vs {r['rows_per_second']:.1f} rows/s).")
+    for q, f32 in (("ort-int8", "ort-p2o"), ("ort-int8-pc", "ort-p2o"), ("ct2-int8", "ct2"), ("ct2", "ort-p2o")):
+        a, b = by.get(q), by.get(f32)
+        if a and b:
+            g = a.get("gate") or {}
+            verdict = "" if not g else (" and passes the gate" if g.get("passed") else " but FAILS the gate")
+            ia, ib = a["stage_seconds_median"].get("infer"), b["stage_seconds_median"].get("infer")
+            eng = f"; engine calls {ib / ia:.2f}x as fast ({ia:.2f} vs {ib:.2f} s)" if ia and ib else ""
+            vs_ours = f"{a['ratio_to_pipeline_fp32']:.2f}x our fp32 pipeline" if a.get("ratio_to_pipeline_fp32") else ""
+            out.append(f"{q} vs {f32} on the same batches: {a['rows_per_second'] / b['rows_per_second']:.2f}x the "
+                       f"rows/s{eng}; {vs_ours}{verdict}.")
     fastest = ours.get("fastest_peer")
     if fastest and ours["ratio_to_fastest_peer"] >= 1:
         out.append(f"Ahead of the fastest peer ({fastest}) by {100 * (ours['ratio_to_fastest_peer'] - 1):.0f}%.")
@@ -375,7 +496,8 @@ def render_md(res: dict, chart_name: str) -> str:
         *[f"- {x}" for x in res["where_time_goes"]],
         "",
         f"Environment: {env['cpu']['model']}, {env['cpu']['cores']} cores (AVX2 {env['cpu']['avx2']}, AVX-512 "
-        f"{env['cpu']['avx512f']}, VNNI {env['cpu']['avx512_vnni']}), {env['cpu']['memory_gb']} GB; "
+        f"{env['cpu']['avx512f']}, VNNI {env['cpu']['avx512_vnni']}, AVX-512 BF16 {env['cpu'].get('avx512_bf16')}, "
+        f"AMX {env['cpu'].get('amx')}), {env['cpu']['memory_gb']} GB; "
         f"load average before/after {env['loadavg_before']} / {env['loadavg_after']}.",
         "",
         "| venv | versions |",
@@ -460,10 +582,12 @@ def main() -> int:
         data_baseline = out / "pairs_baseline.tsv"
         build_pairs(data_baseline, baseline_pairs)  # the same first rows
 
-    paths = {"ppnlp_home": out / "ppnlp_home", "p2o": out.parent / "models" / "p2o" / "model.onnx",
-             "st-onnx": out.parent / "models" / "st-onnx", "st-openvino": out.parent / "models" / "st-openvino"}
-    want = [w for w, s in (("p2o", "ort-p2o"), ("st-onnx", "st-onnx"), ("st-openvino", "st-openvino"))
-            if s in args.systems]
+    models = out.parent / "models"
+    paths = {"ppnlp_home": out / "ppnlp_home", "p2o": models / "p2o" / "model.onnx",
+             "st-onnx": models / "st-onnx", "st-openvino": models / "st-openvino",
+             "ort-int8": models / "ort-int8" / "model.onnx", "ort-int8-pc": models / "ort-int8-pc" / "model.onnx",
+             "ct2": models / "ct2", "ct2-int8": models / "ct2-int8"}
+    want = list(dict.fromkeys(w for s in BASE_SYSTEMS if s in args.systems for w in EXPORTS.get(s, [])))
     prepared: dict = {}
     if want:
         log(f"preparing exports: {', '.join(want)}")
@@ -477,6 +601,11 @@ def main() -> int:
             prepared = {w: {"error": _tail(p.stderr)} for w in want}
 
     variants, precision_note = pipeline_variants()
+    int8_note = None
+    if "pipeline" in args.systems and any(name == "pipeline-int8" for name, _ in variants):
+        int8_dir, int8_note = ensure_int8_model()
+        if int8_dir:
+            variants = [(n, f + ["--model", str(int8_dir)] if n == "pipeline-int8" else f) for n, f in variants]
     order: list[str] = []
     extra: dict[str, list[str]] = {}
     groups: dict[str, str] = {}
@@ -492,9 +621,10 @@ def main() -> int:
             order.append(s)
             groups[s] = "baseline" if s == "baseline" else "peer"
     skip: dict[str, str] = {}
-    for w, s in (("p2o", "ort-p2o"), ("st-onnx", "st-onnx"), ("st-openvino", "st-openvino")):
-        if s in order and "error" in prepared.get(w, {}):
-            skip[s] = f"export failed: {prepared[w]['error']}"
+    for s in order:
+        failed = [w for w in EXPORTS.get(s, []) if "error" in prepared.get(w, {})]
+        if failed:
+            skip[s] = f"export failed: {prepared[failed[-1]]['error']}"
     log(f"systems: {', '.join(order)}; {args.repeats} runs each, {args.threads} thread(s); "
         f"{args.pairs} pairs ({baseline_pairs} for the baseline)")
 
@@ -538,7 +668,10 @@ def main() -> int:
 
     # quality: every run against the first fp32 pipeline run (and against its own first run)
     ok = [r for r in runs if "error" not in r]
-    ref = next((r for r in ok if r["system"] == "pipeline"), None)
+    reference = reference_system(ok)
+    ref = next((r for r in ok if r["system"] == reference), None)
+    if ref is None:
+        log("no fp32 pipeline run: no quality figures against it, no gate")
     req = {"data": str(data), "reference": ref["scores"] if ref else None,
            "runs": {f"{r['system']}#{r['rep']}": {"scores": r["scores"]} for r in ok}}
     dump(out / "analyze_request.json", req)
@@ -556,12 +689,13 @@ def main() -> int:
                 analysis.setdefault(f"{s}#{r['rep']}", {})["max_abs_diff_vs_first_run"] = max(
                     (abs(a - b) for a, b in zip(first, other)), default=0.0)
 
-    table = summarise(runs, order, analysis, groups)
+    table = summarise(runs, order, analysis, groups, reference)
     versions = {}
     for name, py, pkgs in (("main (.venv)", MAIN_PYTHON, ["paddlepaddle", "paddlenlp", "numpy", "tokenizers"]),
                            (".venv-bench", BENCH_PYTHON, ["torch", "sentence-transformers", "transformers", "onnxruntime",
                                                           "openvino", "optimum", "optimum-onnx", "optimum-intel",
-                                                          "paddle2onnx", "onnx", "tokenizers", "numpy"])):
+                                                          "paddle2onnx", "onnx", "ctranslate2", "tokenizers",
+                                                          "numpy"])):
         if py.exists():
             code = (f"import sys, json; sys.path.insert(0, {str(BENCH_DIR)!r}); from common import versions; "
                     f"print(json.dumps(versions({pkgs!r})))")
@@ -574,6 +708,7 @@ def main() -> int:
         "seconds_whole_run": time.perf_counter() - t_start,
         "settings": {"pairs": args.pairs, "baseline_pairs": baseline_pairs, "threads": args.threads,
                      "repeats": args.repeats, "systems": order, "pipeline_variants": precision_note,
+                     "reference": reference, "pipeline_int8_model": int8_note,
                      "thread_env": {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads}},
         "data": {**data_info, "file": str(data)},
         "environment": {"cpu": cpu_info(), "loadavg_before": la_before, "loadavg_after": loadavg(),

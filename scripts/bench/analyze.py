@@ -8,6 +8,9 @@ REQUEST: {"data": pairs.tsv, "reference": scores file of our fp32 pipeline,
 For each run: NDCG@10, MRR@10, PNR on its pairs (the first n of the file), the max abs score
 difference against the reference on the same pairs, and NaN counts. For runs on fewer pairs than
 the file holds, also the reference's own metrics on that prefix (the fair comparison).
+And each run's gate, the one our int8 converter applies (pipeline.convert.gate): NDCG@10 and PNR
+of the run against the reference's on the same pairs, loss rate |m_ref - m| / m_ref each, pass
+when both are <= 1%.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import read_pairs, read_scores  # noqa: E402
+from pipeline.convert.gate import DEFAULT_MAX_LOSS_RATE, GATE_METRICS, loss_rate  # noqa: E402
 from pipeline.ranking import ranking_metrics  # noqa: E402
 
 
@@ -33,6 +37,13 @@ def metrics(data: dict, n: int, score: np.ndarray) -> dict:
                         np.array(data["label"][:n], dtype=np.float64), score).to_dict()
     return {k: m.get(k) for k in ("ndcg_at_10", "mrr_at_10", "pnr", "queries", "pairs_correct", "pairs_wrong",
                                   "pairs_tied") if k in m}
+
+
+def gate(ref: dict, got: dict, max_loss_rate: float = DEFAULT_MAX_LOSS_RATE) -> dict:
+    loss = {k: loss_rate(ref.get(k), got.get(k)) for k in GATE_METRICS}
+    return {"reference": {k: ref.get(k) for k in GATE_METRICS}, "candidate": {k: got.get(k) for k in GATE_METRICS},
+            "loss_rate": loss, "max_loss_rate": max_loss_rate,
+            "passed": all(v is not None and v <= max_loss_rate for v in loss.values())}
 
 
 def main() -> int:
@@ -53,10 +64,11 @@ def main() -> int:
         r["metrics"] = metrics(data, n, s)
         if ref is not None and len(ref) >= n:
             r["max_abs_diff_vs_reference"] = float(np.nanmax(np.abs(s - ref[:n]))) if n else 0.0
+            if n not in ref_prefix:
+                ref_prefix[n] = metrics(data, n, ref[:n])
             if n < total:
-                if n not in ref_prefix:
-                    ref_prefix[n] = metrics(data, n, ref[:n])
                 r["reference_metrics_same_pairs"] = ref_prefix[n]
+            r["gate"] = gate(ref_prefix[n], r["metrics"])
         out[key] = r
     print(json.dumps(out))
     return 0

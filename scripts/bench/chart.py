@@ -36,6 +36,8 @@ def main() -> int:
             label = f"{v:,.0f}" if v >= 10 else f"{v:.2f}"
             if key == "rows_per_second" and r.get("ratio_to_baseline"):
                 label += f"  ({r['ratio_to_baseline']:.0f}x baseline)"
+            if key == "rows_per_second" and r.get("gate") and not r.get("reference"):
+                label += "  gate " + ("pass" if r["gate"]["passed"] else "FAIL")
             ax.text(v, b.get_y() + b.get_height() / 2, " " + label, va="center", fontsize=8)
         ax.margins(x=0.35 if not log else 0.0)
         if log:

@@ -17,6 +17,13 @@ Systems (the parent runs each with the right interpreter):
 - ort-p2o        .venv-bench: onnxruntime on our runtime model exported by paddle2onnx, as the
                  backend of the pipeline's own `Engine` (its tokenizer, length-sorted token-budget
                  batches and padding) on the distinct texts (tokenized in this process).
+- ort-int8, ort-int8-pc
+                 .venv-bench: as ort-p2o (same tokenizer, batches and session settings) on the
+                 dynamic-int8 copy of the same export (prepare.py: quantize_dynamic, every MatMul,
+                 weights per tensor / per channel).
+- ct2, ct2-int8  .venv-bench: CTranslate2 `Encoder.forward_batch` (float32 / int8 model from its
+                 TransformersConverter) as the backend of the pipeline's `Engine` (same tokenizer and
+                 batches as ort-p2o), mean pooling over the attention mask and L2 norm in numpy.
 - engine-paddle, engine-ort
                  diagnosis only (bench_peers.py --diagnose): the Paddle predictor (main venv) or
                  onnxruntime on the paddle2onnx export (.venv-bench) as the backend of the
@@ -300,7 +307,7 @@ def pipeline_engine(info, bs: dict, threads: int, backend):
 # ----------------------------------------------------------------------------- 4. onnxruntime on paddle2onnx
 
 
-def run_ort(args, clock: Clock) -> dict:
+def run_ort(args, clock: Clock, precision: str = "fp32", quantization: dict | None = None) -> dict:
     """Our engine with onnxruntime as its backend: the pipeline's tokenizer, batch plan and
     padding (`Engine.run_encoded`), in this process. Stages: read, tokenize, infer (the
     onnxruntime calls), batch (planning, padding and placing outputs: the rest of run_encoded),
@@ -332,11 +339,92 @@ def run_ort(args, clock: Clock) -> dict:
     engine.close()
     return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": len(texts),
             "real_tokens": stats.tokens, "padded_tokens": stats.padded_tokens,
-            "batches": stats.batches, "dedupe": True, "precision": "fp32",
+            "batches": stats.batches, "dedupe": True, "precision": precision,
             "settings": {**bs, "onnx": str(args.onnx), "intra_op_threads": args.threads,
                          "graph_optimization": "ORT_ENABLE_ALL",
-                         "tokenizer": "pipeline TextEncoder, in-process; batches by pipeline Engine"},
+                         "tokenizer": "pipeline TextEncoder, in-process; batches by pipeline Engine",
+                         **({"quantization": quantization} if quantization else {})},
             "versions": versions(["onnxruntime", "tokenizers", "numpy"])}
+
+
+ORT_INT8 = {"ort-int8": False, "ort-int8-pc": True}  # system -> per_channel (prepare.py made the model)
+
+
+def run_ort_int8(args, clock: Clock) -> dict:
+    per_channel = ORT_INT8[args.system]
+    q = {"method": "onnxruntime.quantization.quantize_dynamic", "op_types_to_quantize": ["MatMul"],
+         "weights": "int8, " + ("per output channel" if per_channel else "per tensor"),
+         "activations": "uint8, quantised per batch at run time (DynamicQuantizeLinear)"}
+    return run_ort(args, clock, "int8", q)
+
+
+# ----------------------------------------------------------------------------- 5. CTranslate2
+
+
+CT2 = {"ct2": ("float32", "fp32"), "ct2-int8": ("int8", "int8")}  # system -> (compute_type, precision)
+
+
+def ct2_runner(model_dir: Path, threads: int, compute_type: str):
+    """CTranslate2's encoder on one padded batch: last hidden state, mean-pooled over the
+    attention mask, L2-normalised (all-MiniLM-L6-v2's sentence-transformers modules: Transformer,
+    Pooling with pooling_mode_mean_tokens, Normalize)."""
+    import ctranslate2
+    import numpy as np
+
+    enc = ctranslate2.Encoder(str(model_dir), device="cpu", compute_type=compute_type, inter_threads=1,
+                              intra_threads=threads)
+
+    def run(input_ids, token_type_ids, attention_mask):
+        mask = np.asarray(attention_mask, dtype=np.float32)
+        ids = ctranslate2.StorageView.from_array(np.ascontiguousarray(input_ids, dtype=np.int32))
+        lengths = ctranslate2.StorageView.from_array(mask.sum(axis=1).astype(np.int32))
+        out = enc.forward_batch(ids, lengths, np.asarray(token_type_ids).tolist())
+        h = np.asarray(out.last_hidden_state)  # [B, T, H] float32 (the CPU StorageView's array interface)
+        m = mask[:, : h.shape[1], None]
+        mean = (h * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+        return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+
+    return run, enc
+
+
+def run_ct2(args, clock: Clock) -> dict:
+    """Our engine with CTranslate2 as its backend, as run_ort: the pipeline's tokenizer, batch plan
+    and padding in this process; stages read, tokenize, infer (encoder + pooling), batch, cosine."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline.engine.engine import cosine, distinct
+    from pipeline.engine.modeldir import load_model_info
+
+    compute_type, precision = CT2[args.system]
+    info = load_model_info(args.runtime_model)
+    bs = batching_settings(args, info)
+    run, enc = ct2_runner(args.model_dir, args.threads, compute_type)
+    engine = pipeline_engine(info, bs, args.threads, TimedBackend(run, clock))
+    load_done = time.perf_counter()
+
+    t0 = time.perf_counter()
+    with clock("read"):
+        data = read_pairs(args.data)
+    n = len(data["qid"])
+    texts, idx = distinct(data["query"] + data["doc"])
+    with clock("tokenize"):
+        encd = engine.text.texts(texts, info.max_seq_len)
+    t_run = time.perf_counter()
+    emb, stats = engine.run_encoded(encd)
+    clock.seconds["batch"] = time.perf_counter() - t_run - clock.seconds.get("infer", 0.0)
+    with clock("cosine"):
+        scores = cosine(emb.astype(np.float64), idx[:n], idx[n:])
+    seconds = time.perf_counter() - t0
+    engine.close()
+    return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": len(texts),
+            "real_tokens": stats.tokens, "padded_tokens": stats.padded_tokens,
+            "batches": stats.batches, "dedupe": True, "precision": precision,
+            "settings": {**bs, "model_dir": str(args.model_dir), "compute_type": compute_type,
+                         "ct2_compute_type_loaded": getattr(enc, "compute_type", None), "intra_threads": args.threads,
+                         "inter_threads": 1, "pooling": "mean over attention mask, L2 norm (numpy)",
+                         "tokenizer": "pipeline TextEncoder, in-process; batches by pipeline Engine"},
+            "versions": versions(["ctranslate2", "tokenizers", "numpy"])}
 
 
 # ----------------------------------------------------------------------------- diagnosis: engines alone
@@ -395,16 +483,18 @@ def run_engine(args, clock: Clock, engine: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("system", choices=["baseline", "st-torch", "st-onnx", "st-openvino", "ort-p2o", "engine-paddle",
-                                       "engine-ort"])
+    ap.add_argument("system", choices=["baseline", "st-torch", "st-onnx", "st-openvino", "ort-p2o", "ort-int8",
+                                       "ort-int8-pc", "ct2", "ct2-int8", "engine-paddle", "engine-ort"])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model-dir", type=Path, default=None, help="st-*: the sentence-transformers folder")
-    ap.add_argument("--onnx", type=Path, default=None, help="ort-p2o: the exported model")
-    ap.add_argument("--runtime-model", type=Path, default=None, help="ort-p2o: our runtime model directory")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="st-*: the sentence-transformers folder; ct2*: the CTranslate2 model folder")
+    ap.add_argument("--onnx", type=Path, default=None, help="ort-*: the ONNX model")
+    ap.add_argument("--runtime-model", type=Path, default=None,
+                    help="ort-*, ct2*: our runtime model directory (its tokenizer and batching)")
     ap.add_argument("--batching", default=None,
-                    help="ort-p2o, engine-*: JSON {max_batch_tokens, max_batch_size, pad_multiple} as the pipeline "
+                    help="ort-*, ct2*, engine-*: JSON {max_batch_tokens, max_batch_size, pad_multiple} as the pipeline "
                          "resolved them (default: resolved from the pipeline's defaults)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -414,6 +504,10 @@ def main() -> int:
             r = run_baseline(args, clock)
         elif args.system == "ort-p2o":
             r = run_ort(args, clock)
+        elif args.system in ORT_INT8:
+            r = run_ort_int8(args, clock)
+        elif args.system in CT2:
+            r = run_ct2(args, clock)
         elif args.system.startswith("engine-"):
             r = run_engine(args, clock, args.system[7:])
         else:
