@@ -45,12 +45,23 @@ from pipeline.io.reader import ColumnMap, InputError
 
 
 def default_model() -> ModelInfo:
-    """all-MiniLM-L6-v2, converted into the cache on first use and reused after."""
+    """all-MiniLM-L6-v2, converted into the cache on first use and reused after. On a CPU with
+    bf16 kernels its bf16 gate is also run once, on the embedded sample, so that `--precision
+    auto` can use bf16 (where the gate passes) from then on."""
     from pipeline.convert import ensure_converted
+    from pipeline.engine.cpu import CpuFeatures
 
     dst = cache_dir() / "models" / DEFAULT_MODEL_NAME
     ensure_converted(default_model_source(), dst, name=DEFAULT_MODEL_NAME)
-    return load_model_info(dst)
+    info = load_model_info(dst)
+    if "bf16" not in info.gates and DEFAULT_INPUT is not None and CpuFeatures.detect().bf16:
+        from pipeline.convert.gate import format_gate
+        from pipeline.convert.precision_gate import gate_precision
+
+        print(f"gating bf16 on {dst} with the embedded sample (once; this CPU has bf16 kernels)", file=sys.stderr)
+        print(format_gate(gate_precision(dst, [DEFAULT_INPUT])), file=sys.stderr)
+        info = load_model_info(dst)
+    return info
 
 
 def default_generation_model():
