@@ -131,3 +131,21 @@ def test_bf16_gate_is_recorded_and_used_by_auto(tiny_bi_dir, tmp_path):
     info = load_model_info(model)
     assert choose_precision("bf16", "cpu", info, CpuFeatures.detect())[0] == "bf16"
     assert choose_precision("auto", "cpu", info, CpuFeatures.detect())[0] == "fp32"
+
+
+def test_report_records_the_precision_and_the_cpu(tiny_bi_dir, tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.job.run import run
+    from tests.sample_data import sample_rows, write_tsv
+
+    data = write_tsv(tmp_path / "in.tsv", sample_rows(2))
+    info = load_model_info(tiny_bi_dir)
+    cfg = RunConfig(inputs=(data,), out_dir=tmp_path / "out", workers=0, threads=1, streams=1, progress=False,
+                    cpu=CPUS["zen3"])
+    report = run(cfg, info)
+    p = report["precision"]
+    assert p["used"] == "fp32" and p["reason"].startswith("auto: fp32")
+    assert p["cpu"]["isa"] == "AVX2" and p["cpu"]["bf16"] is False
+    assert report["settings"]["precision"] == "fp32"
+    with pytest.raises(ConfigError, match="needs bf16 kernels"):
+        run(dataclasses.replace(cfg, precision="bf16", out_dir=tmp_path / "out2"), info)
