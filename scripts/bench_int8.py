@@ -9,6 +9,19 @@ data/sample with the fp32 and the int8 model in alternation (a fresh process eac
 runs it), --repeats times each. Prints a table (medians) with rows/s, the speed-up, both models'
 metrics, the largest score difference between the two runs' predictions, and the int8 model's
 recorded gate; writes JSON. The issue's target is 1.6x the fp32 rows/s within the 1% gate.
+
+    python scripts/bench_int8.py --model-stage SPEC... [--threads 1 2] [--isa native AVX2] [--repeats 9]
+
+times the model stage alone instead: one 32 x 128 batch of random ids per `PaddlePredictor.run`
+(as scripts/bench_predictor.py), warm predictors, the SPECs in alternation within each repeat
+(so the VM's drift hits all alike), medians. A SPEC is a model directory, optionally with a
+precision: DIR (its own: fp32 or int8), DIR:bf16 (an fp32 model on oneDNN's bf16 kernels, as
+`--precision bf16` runs it) or INT8_DIR:bf16 (mixed: the int8 model's Linears int8 and every
+other op oneDNN has a bf16 kernel for in bf16, `enable_mkldnn_int8` + `enable_mkldnn_bfloat16`).
+Each --isa runs in its own process with ONEDNN_MAX_CPU_ISA set before paddle loads (native:
+unset; AVX2 makes oneDNN behave as on an AVX2-only CPU: no VNNI, AMX or bf16 kernels, where a
+bf16 SPEC silently runs fp32 and is skipped). Prints ms per batch and the speed-up over the
+first SPEC; writes JSON (--out, default WORKDIR/int8-model-stage.json).
 """
 
 from __future__ import annotations
@@ -16,9 +29,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +50,115 @@ def predictions(out: Path) -> dict[tuple[str, str], float]:
         return {(r[0], r[1]): float(r[2]) for r in csv.reader(f, delimiter="\t")}
 
 
+BATCH, SEQ = 32, 128
+
+
+def parse_spec(spec: str) -> tuple[Path, str | None]:
+    """'DIR' or 'DIR:bf16' -> (DIR, 'bf16' or None)."""
+    head, _, tail = spec.rpartition(":")
+    return (Path(head), tail) if head and tail == "bf16" else (Path(spec), None)
+
+
+def _predictor(model_dir: Path, bf16: str | None, threads: int):
+    """A `PaddlePredictor` as `run` builds it; with bf16 on an int8 model the int8 config plus
+    `enable_mkldnn_bfloat16()` (mixed), which the engine does not build."""
+    from pipeline.engine import predictor as P
+    from pipeline.engine.modeldir import load_model_info
+
+    info = load_model_info(model_dir)
+    if bf16 and info.precision == "int8":
+        build = P.build_config
+
+        def mixed(info_, settings):
+            config = build(info_, settings)
+            config.enable_mkldnn_bfloat16()
+            return config
+
+        P.build_config = mixed
+        try:
+            return P.PaddlePredictor(info, P.PredictorSettings(threads=threads)), info
+        finally:
+            P.build_config = build
+    return P.PaddlePredictor(info, P.PredictorSettings(threads=threads, precision=bf16 or "fp32")), info
+
+
+def model_stage_worker(specs: list[str], threads: list[int], repeats: int) -> dict:
+    """In this process (ONEDNN_MAX_CPU_ISA already set): ms per 32 x 128 batch of each spec."""
+    import zlib  # noqa: F401 - before paddle
+
+    import numpy as np
+
+    from pipeline.engine.cpu import CpuFeatures  # the engine's view of the CPU (bf16 kernels or not)
+
+    cpu = CpuFeatures.detect()
+    out = {"isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"), "cpu": cpu.to_dict(), "results": {}}
+    for t in threads:
+        runs = []
+        for spec in specs:
+            path, bf16 = parse_spec(spec)
+            if bf16 and not getattr(cpu, "bf16", False):
+                print(f"  {spec}: skipped, this CPU (as oneDNN sees it) has no bf16 kernels", file=sys.stderr)
+                continue
+            pred, info = _predictor(path, bf16, t)
+            rng = np.random.default_rng(0)
+            ids = rng.integers(1000, min(info.vocab_size, 30000), size=(BATCH, SEQ)).astype(np.int64)
+            ids[:, 0] = 101
+            feed = (ids, np.zeros_like(ids), np.ones((BATCH, SEQ), np.float32))
+            for _ in range(2):
+                pred.run(*feed)  # oneDNN primitives for this shape
+            runs.append((spec, pred, feed))
+        times = {spec: [] for spec, _, _ in runs}
+        for _ in range(repeats):
+            for spec, pred, feed in runs:
+                t0 = time.perf_counter()
+                pred.run(*feed)
+                times[spec].append(time.perf_counter() - t0)
+        out["results"][str(t)] = {spec: {"ms_median": 1e3 * statistics.median(ts), "ms_min": 1e3 * min(ts)}
+                                  for spec, ts in times.items()}
+        del runs
+    return out
+
+
+def model_stage(args) -> int:
+    results = []
+    for isa in args.isa:
+        env = dict(os.environ)
+        env.pop("ONEDNN_MAX_CPU_ISA", None)
+        if isa != "native":
+            env["ONEDNN_MAX_CPU_ISA"] = isa
+        cmd = [sys.executable, __file__, "--model-stage-worker", json.dumps(
+            {"specs": args.model_stage, "threads": args.threads, "repeats": args.repeats})]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        sys.stderr.write(proc.stderr[-2000:] if proc.returncode else "")
+    report = {"batch": [BATCH, SEQ], "repeats": args.repeats, "specs": args.model_stage,
+              "cpu": platform.processor() or platform.machine(), "runs": results}
+    out = args.out or args.workdir / "int8-model-stage.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    ref = args.model_stage[0]
+    print(f"model stage, {BATCH} x {SEQ} batch, medians of {args.repeats}; speed-up over {ref}")
+    print(f"{'isa':<7} {'threads':>7}  {'spec':<58} {'ms/batch':>9} {'(min)':>7} {'x':>6}")
+    for r in results:
+        for t, per in r["results"].items():
+            base = per.get(ref, {}).get("ms_median")
+            for spec, m in per.items():
+                x = f"{base / m['ms_median']:.2f}" if base else "-"
+                print(f"{r['isa']:<7} {t:>7}  {spec[-58:]:<58} {m['ms_median']:9.1f} {m['ms_min']:7.1f} {x:>6}")
+    print(f"JSON: {out}")
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--model-stage-worker":
+        cfg = json.loads(sys.argv[2])
+        print(json.dumps(model_stage_worker(cfg["specs"], cfg["threads"], cfg["repeats"])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-stage", nargs="+", default=None, metavar="SPEC",
+                    help="time the model stage of these specs (DIR, DIR:bf16) instead of the end-to-end job")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="--model-stage: thread counts")
+    ap.add_argument("--isa", nargs="+", default=["native", "AVX2"],
+                    help="--model-stage: ONEDNN_MAX_CPU_ISA values, 'native' for unset")
     ap.add_argument("--int8", type=Path, default=None, help="int8 model directory (default: quantise into the cache)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--streams", type=int, default=None, help="--streams of the runs (default: the run's default)")
@@ -43,6 +166,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON report (default: WORKDIR/int8.json)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.model_stage:
+        args.repeats = args.repeats if args.repeats != 3 else 9
+        return model_stage(args)
 
     from pipeline.cli import default_model
     from pipeline.engine.modeldir import ModelDirError, load_model_info
@@ -63,7 +189,9 @@ def main() -> int:
     runs: dict[str, list[dict]] = {"fp32": [], "int8": []}
     for i in range(args.repeats):
         for label, model in (("fp32", fp32), ("int8", int8)):
-            r = timed_run([DEFAULT_INPUT], args.workdir / f"int8-run-{label}", ["--model", str(model.path), *extra])
+            # the precision explicit: `--precision auto` would run the fp32 model bf16 on a CPU with bf16 kernels
+            r = timed_run([DEFAULT_INPUT], args.workdir / f"int8-run-{label}",
+                          ["--model", str(model.path), "--precision", label, *extra])
             runs[label].append(r)
             print(f"{label} run {i + 1}: total {r['report']['seconds']['total']:.2f} s", file=sys.stderr)
     a, b = predictions(args.workdir / "int8-run-fp32"), predictions(args.workdir / "int8-run-int8")
