@@ -307,6 +307,27 @@ def pipeline_engine(info, bs: dict, threads: int, backend):
 # ----------------------------------------------------------------------------- 4. onnxruntime on paddle2onnx
 
 
+def _score_timed(engine, info, data_file, clock) -> dict:
+    """The pairs of `data_file` scored through `engine` (each distinct text once, the pipeline's
+    batches), timed by stage; the engine is closed afterwards."""
+    t0 = time.perf_counter()
+    with clock("read"):
+        data = read_pairs(data_file)
+    n = len(data["qid"])
+    texts, idx = distinct(data["query"] + data["doc"])
+    with clock("tokenize"):
+        enc = engine.text.texts(texts, info.max_seq_len)
+    t_run = time.perf_counter()
+    emb, stats = engine.run_encoded(enc)
+    clock.seconds["batch"] = time.perf_counter() - t_run - clock.seconds.get("infer", 0.0)
+    with clock("cosine"):
+        scores = cosine(emb.astype(np.float64), idx[:n], idx[n:])
+    seconds = time.perf_counter() - t0
+    engine.close()
+    return {"scores": scores, "seconds": seconds, "texts_encoded": len(texts), "real_tokens": stats.tokens,
+            "padded_tokens": stats.padded_tokens, "batches": stats.batches, "dedupe": True}
+
+
 def run_ort(args, clock: Clock, precision: str = "fp32", quantization: dict | None = None) -> dict:
     """Our engine with onnxruntime as its backend: the pipeline's tokenizer, batch plan and
     padding (`Engine.run_encoded`), in this process. Stages: read, tokenize, infer (the
@@ -323,23 +344,8 @@ def run_ort(args, clock: Clock, precision: str = "fp32", quantization: dict | No
     engine = pipeline_engine(info, bs, args.threads, TimedBackend(ort_runner(args.onnx, args.threads, True), clock))
     load_done = time.perf_counter()
 
-    t0 = time.perf_counter()
-    with clock("read"):
-        data = read_pairs(args.data)
-    n = len(data["qid"])
-    texts, idx = distinct(data["query"] + data["doc"])
-    with clock("tokenize"):
-        enc = engine.text.texts(texts, info.max_seq_len)
-    t_run = time.perf_counter()
-    emb, stats = engine.run_encoded(enc)
-    clock.seconds["batch"] = time.perf_counter() - t_run - clock.seconds.get("infer", 0.0)
-    with clock("cosine"):
-        scores = cosine(emb.astype(np.float64), idx[:n], idx[n:])
-    seconds = time.perf_counter() - t0
-    engine.close()
-    return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": len(texts),
-            "real_tokens": stats.tokens, "padded_tokens": stats.padded_tokens,
-            "batches": stats.batches, "dedupe": True, "precision": precision,
+    timed = _score_timed(engine, info, args.data, clock)
+    return {**timed, "load_done": load_done, "precision": precision,
             "settings": {**bs, "onnx": str(args.onnx), "intra_op_threads": args.threads,
                          "graph_optimization": "ORT_ENABLE_ALL",
                          "tokenizer": "pipeline TextEncoder, in-process; batches by pipeline Engine",
@@ -403,23 +409,8 @@ def run_ct2(args, clock: Clock) -> dict:
     engine = pipeline_engine(info, bs, args.threads, TimedBackend(run, clock))
     load_done = time.perf_counter()
 
-    t0 = time.perf_counter()
-    with clock("read"):
-        data = read_pairs(args.data)
-    n = len(data["qid"])
-    texts, idx = distinct(data["query"] + data["doc"])
-    with clock("tokenize"):
-        encd = engine.text.texts(texts, info.max_seq_len)
-    t_run = time.perf_counter()
-    emb, stats = engine.run_encoded(encd)
-    clock.seconds["batch"] = time.perf_counter() - t_run - clock.seconds.get("infer", 0.0)
-    with clock("cosine"):
-        scores = cosine(emb.astype(np.float64), idx[:n], idx[n:])
-    seconds = time.perf_counter() - t0
-    engine.close()
-    return {"scores": scores, "load_done": load_done, "seconds": seconds, "texts_encoded": len(texts),
-            "real_tokens": stats.tokens, "padded_tokens": stats.padded_tokens,
-            "batches": stats.batches, "dedupe": True, "precision": precision,
+    timed = _score_timed(engine, info, args.data, clock)
+    return {**timed, "load_done": load_done, "precision": precision,
             "settings": {**bs, "model_dir": str(args.model_dir), "compute_type": compute_type,
                          "ct2_compute_type_loaded": getattr(enc, "compute_type", None), "intra_threads": args.threads,
                          "inter_threads": 1, "pooling": "mean over attention mask, L2 norm (numpy)",
