@@ -18,7 +18,11 @@ model.json (`format_version` 1 of this layout):
      "source": {"path": .., "layout": "gguf" | "hf", "sha256": ..,
                 "files": [{"file": name, "sha256": ..}, ...]},
      "params_sha256": .., "tokenizer_sha256": .., "converted_by": ..,
-     "validation": {"prompt_lengths": [..], "decode_steps": N, "max_abs_logit_diff": .., "limit": ..}}
+     "validation": {"prompt_lengths": [..], "decode_steps": N, "max_abs_logit_diff": .., "limit": ..},
+     "gates": {NAME: {"passed": .., "forced": .., "base": {..}, "candidate": {..}, "loss_rate": {..}, ..}}}
+
+`gates` (optional) holds the generation quality gates of this directory against the fp32
+unpruned model (`convert/generation_gate.py`), by name ("pruning", or a runtime precision).
 
 `source.sha256` names the source bytes: the file's own sha256 for one file (a GGUF), else the
 sha256 of the "name sha256\n" lines of its files sorted by name (`files` lists them);
@@ -65,6 +69,9 @@ class DecoderModelInfo:
     checksum: str  # sha256 of decoder.pdiparams, recorded at conversion
     program_revision: int
     meta: dict = field(repr=False, compare=False)
+    # model.json "gates": name (a precision, or "pruning") -> the generation gate's record against
+    # the fp32 unpruned model (`convert/generation_gate.py`: "passed", "forced", the metrics).
+    gates: dict = field(default_factory=dict, compare=False)
 
     # Shapes the engine and the memory budget need, without importing the model module.
     @property
@@ -128,7 +135,7 @@ def parse_decoder_meta(path: Path, meta: dict) -> DecoderModelInfo:
         add_bos_token=bool(meta.get("add_bos_token", False)), chat_template=meta.get("chat_template"),
         precision=str(meta.get("precision", "fp32")), source_sha256=str(meta["source"]["sha256"]),
         checksum=str(meta.get("params_sha256", "")), program_revision=int(meta.get("program_revision", 1)),
-        meta=meta,
+        meta=meta, gates={str(k): dict(v) for k, v in (meta.get("gates") or {}).items()},
     )
 
 
