@@ -312,12 +312,28 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="the int8 runtime model directory to write")
     p.add_argument("--max-loss-rate", type=float, default=0.01,
                    help="largest allowed |m_fp32 - m_int8| / m_fp32 for NDCG@10 and PNR")
-    p.add_argument("--algo", default="abs_max", choices=["abs_max", "avg", "hist", "KL", "mse", "emd"],
-                   help="activation range calibration (PaddleSlim)")
-    p.add_argument("--calib-sequences", type=int, default=256, help="sequences fed to calibration (at most)")
-    p.add_argument("--int8-linears", default="qkv,attn_out",
+    p.add_argument("--method", choices=["every-linear", "attention"], default="every-linear",
+                   help="every-linear: all four Linear kinds int8 (fixed weight scales, SmoothQuant on the FFN "
+                        "inputs, outlier channels kept fp32; docs/int8-methods.md); attention: only qkv and "
+                        "attn_out int8 (the earlier default). The flags below override the method's values")
+    p.add_argument("--algo", default=None, choices=["abs_max", "avg", "hist", "KL", "mse", "emd"],
+                   help="activation range calibration (PaddleSlim; default: the method's, abs_max)")
+    p.add_argument("--calib-sequences", type=int, default=None,
+                   help="sequences fed to calibration, at most (default: the method's, 256)")
+    p.add_argument("--int8-linears", default=None,
                    help="Linear kinds that run int8, comma-separated from qkv, attn_out, ffn_in, ffn_out; the "
-                        "others stay fp32 (all four: fastest, but fails the gate on AVX2 CPUs without VNNI)")
+                        "others stay fp32 (default: the method's)")
+    p.add_argument("--weight-scales", choices=["onednn", "fixed"], default=None,
+                   help="onednn: the scales Paddle 2.6.2's oneDNN pass derives (from the wrong axis for fc); "
+                        "fixed: recorded per-tensor scales, FFN channels regrouped for ffn_out (default: the method's)")
+    p.add_argument("--smooth", default=None, metavar="KIND=ALPHA,...|none",
+                   help="SmoothQuant migration strength per Linear kind, e.g. ffn_in=0.5,ffn_out=0.9 (default: "
+                        "the method's)")
+    p.add_argument("--outlier-channels", default=None, metavar="KIND=K,...|none",
+                   help="K input channels with the largest ranges per Linear kind go through an fp32 side path, "
+                        "e.g. qkv=8,ffn_in=8,ffn_out=4 (default: the method's)")
+    p.add_argument("--fp32-linears", default=None, metavar="NAME,...",
+                   help="single Linears kept fp32 within the int8 kinds, e.g. layer0.ffn_out (default: none)")
     p.add_argument("--threads", type=int, default=None, help="predictor threads for the gate (default: core count)")
     p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-int8)")
     p.add_argument("--force", action="store_true",
@@ -479,18 +495,34 @@ def _prune(args) -> int:
 def _quantize(args) -> int:
     from pipeline.convert import ConversionError
     from pipeline.convert.gate import format_gate
-    from pipeline.convert.quantize import LINEAR_KINDS, QuantSettings, quantize
+    from pipeline.convert.quantize import LINEAR_KINDS, METHODS, parse_kind_values, quantize, settings_for
 
-    if args.max_loss_rate < 0 or args.calib_sequences < 1:
+    if args.max_loss_rate < 0 or (args.calib_sequences is not None and args.calib_sequences < 1):
         raise ConversionError("--max-loss-rate must be >= 0 and --calib-sequences >= 1")
-    kinds = tuple(k.strip() for k in args.int8_linears.split(",") if k.strip())
-    if not kinds or set(kinds) - set(LINEAR_KINDS):
-        raise ConversionError(f"--int8-linears takes a comma-separated subset of {', '.join(LINEAR_KINDS)}; "
-                              f"got {args.int8_linears!r}")
+    kinds = None
+    if args.int8_linears is not None:
+        kinds = tuple(k.strip() for k in args.int8_linears.split(",") if k.strip())
+        if not kinds or set(kinds) - set(LINEAR_KINDS):
+            raise ConversionError(f"--int8-linears takes a comma-separated subset of {', '.join(LINEAR_KINDS)}; "
+                                  f"got {args.int8_linears!r}")
+    smooth = None if args.smooth is None else parse_kind_values(args.smooth, float, "--smooth")
+    outliers = (None if args.outlier_channels is None
+                else parse_kind_values(args.outlier_channels, int, "--outlier-channels"))
+    if kinds is not None:  # the method's per-kind values, for the kinds that stay int8
+        method = METHODS.get(args.method)
+        if method is not None and smooth is None:
+            smooth = tuple((k, a) for k, a in method.smooth if k in kinds)
+        if method is not None and outliers is None:
+            outliers = tuple((k, n) for k, n in method.outlier_channels if k in kinds)
+    settings = settings_for(
+        args.method, int8_linears=kinds, algo=args.algo, calib_sequences=args.calib_sequences,
+        weight_scales=args.weight_scales,
+        smooth=smooth, outlier_channels=outliers,
+        fp32_linears=(None if args.fp32_linears is None
+                      else tuple(n.strip() for n in args.fp32_linears.split(",") if n.strip())))
     columns = _columns(args)
     dst, gate = quantize(args.model_dir, args.calib, args.out, force=args.force, columns=columns, name=args.name,
-                         settings=QuantSettings(int8_linears=kinds, algo=args.algo,
-                                                calib_sequences=args.calib_sequences),
+                         settings=settings,
                          max_loss_rate=args.max_loss_rate, threads=args.threads,
                          log=lambda m: print(m, file=sys.stderr))
     print(format_gate(gate))
@@ -502,7 +534,8 @@ def _quantize(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per job or model step."""
     parser = argparse.ArgumentParser(prog=None if sys.argv[0].endswith("pipeline") else "python -m pipeline",
                                      description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -513,7 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     _prune_parser(sub)
     _quantize_parser(sub)
     _gate_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from pipeline.memory import limit_heap_fragmentation
 
     limit_heap_fragmentation()

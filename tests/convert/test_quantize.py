@@ -117,7 +117,8 @@ def test_failing_gate_is_refused_unless_forced(tmp_path, tiny_cross_dir, calib, 
     assert dst is None and gate.passed is False and not out.exists()
     assert not [p for p in tmp_path.iterdir()], "no temporary directory left behind"
     assert main(["quantize", str(tiny_cross_dir), "--calib", str(calib), "--out", str(out), "--max-loss-rate", "0",
-                 "--int8-linears", ",".join(LINEAR_KINDS), "--calib-sequences", "32", "--threads", "1"]) == 2
+                 "--method", "attention", "--int8-linears", ",".join(LINEAR_KINDS), "--calib-sequences", "32",
+                 "--threads", "1"]) == 2
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "not written" in captured.err and not out.exists()
 
@@ -151,6 +152,8 @@ def test_existing_output_is_not_overwritten(int8_bi, tiny_bi_dir, calib, capsys)
 
 
 def test_cli_quantize(tmp_path, tiny_bi_dir, calib, capsys):
+    """The default method is every-linear: all four kinds int8, fixed weight scales, SmoothQuant on
+    the FFN inputs, outlier channels; model.json records exactly those settings."""
     out = tmp_path / "cli-int8"
     assert main(["quantize", str(tiny_bi_dir), "--calib", str(calib), "--out", str(out), "--max-loss-rate",
                  str(BI_LIMIT), "--calib-sequences", "16", "--threads", "1"]) == 0
@@ -158,6 +161,33 @@ def test_cli_quantize(tmp_path, tiny_bi_dir, calib, capsys):
     q = load_model_info(out).quantization
     assert q.gate_passed is True and q.record["gate"]["max_loss_rate"] == BI_LIMIT
     assert q.record["calibration"]["sequences"] <= 16
+    method = q.record["method"]
+    assert method["int8_linears"] == list(LINEAR_KINDS) and method["weight_scales"] == "fixed"
+    assert method["smooth"] == {"ffn_in": 0.5, "ffn_out": 0.9}
+    assert method["outlier_channels"] == {"qkv": 8, "ffn_in": 8, "ffn_out": 4}
+
+
+def test_cli_method_flags_override_the_method(tmp_path, tiny_bi_dir, calib, capsys):
+    """--int8-linears keeps the method's per-kind values for the kinds it keeps; --smooth none and
+    --outlier-channels replace them; a value for a kind that is not int8 is refused by name."""
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "m", "--calib", "c", "--out", "o"])
+    assert args.method == "every-linear" and args.int8_linears is None and args.algo is None
+    out = tmp_path / "ffn-only"
+    assert main(["quantize", str(tiny_bi_dir), "--calib", str(calib), "--out", str(out), "--max-loss-rate", "1e9",
+                 "--int8-linears", "ffn_in,ffn_out", "--smooth", "none", "--outlier-channels", "ffn_out=2",
+                 "--fp32-linears", "layer0.ffn_in", "--calib-sequences", "16", "--threads", "1"]) == 0
+    method = load_model_info(out).quantization.record["method"]
+    assert method["int8_linears"] == ["ffn_in", "ffn_out"] and method["smooth"] == {}
+    assert method["outlier_channels"] == {"ffn_out": 2} and method["fp32_linears"] == ["layer0.ffn_in"]
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_bi_dir), "--calib", str(calib), "--out", str(tmp_path / "x"),
+                 "--int8-linears", "qkv", "--smooth", "ffn_in=0.5"]) == 2
+    assert "smooth" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["quantize", str(tiny_bi_dir), "--calib", str(calib), "--out", str(tmp_path / "x"),
+                 "--smooth", "ffn_in=high"]) == 2
+    assert "--smooth" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def _int8_fc(model_dir: Path, tmp_path: Path) -> tuple[int, int]:
