@@ -275,7 +275,9 @@ def _convert_parser(sub) -> None:
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="attention layout of the export: cpu = one fused QKV projection (fastest with oneDNN); "
                         "gpu = separate q/k/v projections and a position-ids input, the pattern Paddle's GPU/TensorRT "
-                        "multi-head attention fusion and --trt-varlen need (same outputs; slower on the CPU)")
+                        "multi-head attention fusion and --trt-varlen need (same outputs; slower on the CPU); "
+                        "decoders: gpu = the fp16 export onto Paddle's fused_multi_transformer op for "
+                        "`generate --device gpu --precision fp16` (written to the API, not run here)")
     p.add_argument("--force", action="store_true", help="overwrite DST")
 
 
@@ -461,9 +463,15 @@ def _convert(args) -> int:
     from pipeline.convert import convert, convert_decoder, is_decoder_source
 
     if is_decoder_source(args.src):
-        if args.mode is not None or args.target != "cpu":
-            raise ConfigError(f"{args.src} is a decoder (generation) checkpoint: --mode and --target do not apply")
-        dst = convert_decoder(args.src, args.dst, force=args.force, name=args.name, max_seq_len=args.max_seq_len)
+        if args.mode is not None:
+            raise ConfigError(f"{args.src} is a decoder (generation) checkpoint: --mode does not apply")
+        if args.target == "gpu":  # the fp16 fused_multi_transformer export (convert/decoder_fused.py)
+            from pipeline.convert.decoder_fused import convert_decoder_fused
+
+            dst = convert_decoder_fused(args.src, args.dst, force=args.force, name=args.name,
+                                        max_seq_len=args.max_seq_len)
+        else:
+            dst = convert_decoder(args.src, args.dst, force=args.force, name=args.name, max_seq_len=args.max_seq_len)
         info = load_model_info(dst)
         print(f"converted {args.src} -> {dst} ({info.name}, task generate, {info.num_hidden_layers} layers, hidden "
               f"{info.hidden_size}, vocab {info.vocab_size}, max_seq_len {info.max_seq_len})")

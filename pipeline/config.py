@@ -212,9 +212,13 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
     mode = _check_task(cfg, info)
     if cfg.rerank is not None or cfg.qrels is not None or cfg.recall_k is not None:
         raise ConfigError("--queries/--corpus/--candidates, --qrels and --recall-at are for scoring runs, not `generate`")
-    if cfg.device != "cpu" or cfg.precision not in ("auto", "fp32") or cfg.tensorrt or cfg.trt_varlen:
-        raise ConfigError("generation runs on the CPU in fp32 in this version (the decoder predictor has no GPU "
-                          "path yet): drop --device/--precision/--tensorrt")
+    from pipeline.engine.decoder_gpu import generation_device, is_fused_model
+
+    try:  # CPU fp32 on the CPU export, or GPU fp16 on the fused export (engine/decoder_gpu.py)
+        device, precision = generation_device(cfg.device, cfg.precision, cfg.tensorrt or cfg.trt_varlen,
+                                              is_fused_model(info), info.path, streams=cfg.streams)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     g = cfg.generation
     if g.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {g.max_new_tokens}")
@@ -249,7 +253,7 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
     workers, threads, streams, progress = _run_shape(cfg)
     return Settings(
         mode=mode, max_seq_len=g.max_prompt_tokens + g.max_new_tokens, max_batch_tokens=0,
-        max_batch_size=cfg.max_batch_size, pad_multiple=1, device="cpu", precision="fp32", tensorrt=False,
+        max_batch_size=cfg.max_batch_size, pad_multiple=1, device=device, precision=precision, tensorrt=False,
         trt_varlen=False, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
         window_rows=max(cfg.window_rows, cfg.chunk_rows),
         progress=progress, run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting,

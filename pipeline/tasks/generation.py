@@ -97,6 +97,10 @@ class GenerationRuntime:
         g = settings.generation
         self.pool = pool
         self.prompts = PromptEncoderSpec.of(model, g.max_prompt_tokens, g.prompt_overflow, g.chat).build()
+        if backend is None and settings.device == "gpu":  # validated at start-up: a CUDA build, the fused export
+            from pipeline.engine.decoder_gpu import fused_backend
+
+            backend = fused_backend(model.path)
         self.generator = Generator(model, settings.generator, backend)
         self.reranker = None
         try:
