@@ -208,7 +208,7 @@ def resolve(cfg: RunConfig, info: ModelInfo | DecoderModelInfo) -> Settings:
 def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
     """Settings of a generation run: the decoding settings checked (DecodingSettings refuses
     impossible combinations), the prompt limit and the cache budget checked against the model
-    (a longest prompt must fit one batch), CPU only."""
+    (a longest prompt must fit one batch); CPU fp32, or GPU fp16 on the fused export."""
     mode = _check_task(cfg, info)
     if cfg.rerank is not None or cfg.qrels is not None or cfg.recall_k is not None:
         raise ConfigError("--queries/--corpus/--candidates, --qrels and --recall-at are for scoring runs, not `generate`")
