@@ -49,7 +49,8 @@ Programs (same file names as the CPU decoder directory, model.json `"runtime":
 "fused_multi_transformer"`, `"precision": "fp16"`; both read one params file):
 
     prefill: input_ids int64 [B, S], position_ids int64 [B, S], attention_mask float32 [B, S],
-             cache_kv_i fp16 [2, B, heads, max_len, D] per layer (written in place: columns 0..S-1)
+             cache_kv_i fp16 [2, B, heads, C, D] per layer, C <= max_len the batch's columns
+             (written in place: columns 0..S-1)
              -> logits float32 [B, V] (the last column)
     decode:  input_ids int64 [B, 1], position_ids int64 [B, 1], attention_mask float32 [B, T+1],
              time_step int32 [1] (= T, on the CPU: the op requires CPUPlace), cache_kv_i
@@ -362,8 +363,9 @@ class _Builder:
         mask = paddle.static.data(ATTENTION_MASK, [-1, -1], "float32")
         if self.decode:
             paddle.static.data(TIME_STEP, [1], "int32")
-        caches = [paddle.static.data(n, [2, -1, L.heads, self.max_len, L.head_dim], dt)
-                  for n in cache_names(L.layers)]
+        # Cache columns dynamic: the op takes max_len from the tensor it is given, so a batch's
+        # cache is allocated for its own prompt + new tokens (at most self.max_len).
+        caches = [paddle.static.data(n, [2, -1, L.heads, -1, L.head_dim], dt) for n in cache_names(L.layers)]
         embed = self._params["embed_tokens"]
 
         x = F.embedding(ids, embed)  # [B, S, H] dtype

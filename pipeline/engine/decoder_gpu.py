@@ -226,7 +226,7 @@ class FusedDecoderPredictor:
 
         B, S = input_ids.shape
         assert B <= self.max_batch and S < self.max_len, (B, S, self.max_batch, self.max_len)
-        shape = [2, B, self.heads, self.export_max_len, self.head_dim]
+        shape = [2, B, self.heads, self.max_len, self.head_dim]  # this batch's columns, not the export's limit
         self._caches = [paddle.zeros(shape, dtype="float16") for _ in range(self.num_layers)]
         self._share_caches()
         self._feed(self._prefill, "input_ids", input_ids.astype(np.int64))

@@ -88,6 +88,8 @@ class _Timed:
 
 
 def kv_spec(model: DecoderModelInfo) -> KVCacheSpec:
+    if model.meta.get("runtime") == "fused_multi_transformer":  # the GPU export: kv heads repeated, fp16
+        return KVCacheSpec(model.num_hidden_layers, int(model.architecture["num_attention_heads"]), model.head_dim, 2)
     return KVCacheSpec(model.num_hidden_layers, model.num_key_value_heads, model.head_dim)
 
 

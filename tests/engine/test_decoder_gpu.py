@@ -97,6 +97,11 @@ def test_config_validation(fused_dir, tiny_decoder_dir, monkeypatch):
     monkeypatch.setattr(dg, "_cuda_build", GPU_BUILD)  # as a CUDA build with a GPU would answer
     s = resolve(_cfg(fused_dir, device="gpu", precision="fp16"), fused)
     assert (s.device, s.precision) == ("gpu", "fp16")
+    from pipeline.engine.generator import kv_spec
+
+    arch = fused.architecture  # the budget counts the cache the op holds: every query head, 2 bytes
+    assert kv_spec(fused).bytes_per_token == arch["num_hidden_layers"] * 2 * arch["num_attention_heads"] * fused.head_dim * 2
+    assert kv_spec(cpu).bytes_per_token == arch["num_hidden_layers"] * 2 * arch["num_key_value_heads"] * cpu.head_dim * 4
 
 
 def test_predictor_refuses_on_the_cpu_build(fused_dir):
