@@ -419,6 +419,20 @@ def _param_shapes(arrays: dict[str, np.ndarray]) -> dict[str, tuple]:
     return {n: (tuple(a.shape), str(a.dtype)) for n, a in arrays.items()}
 
 
+def build_static(layout: FusedLayout, shapes: dict[str, tuple], max_len: int, decode: bool, dtype: str):
+    """The paddle.static Program before the fused ops go in (static mode must be on): (program,
+    builder, input names, logits name). Its stand-ins are identities, so it runs on the CPU: the
+    tests run it to check the rotary table and the mask the program computes."""
+    import paddle
+
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup):
+        b = _Builder(layout, max_len, dtype, decode, shapes)
+        b._params = {name: b.param(name) for name in shapes}
+        inputs, logits = b.build()
+    return main, b, inputs, logits
+
+
 def build_program_desc(layout: FusedLayout, shapes: dict[str, tuple], max_len: int, decode: bool,
                        dtype: str = "float16"):
     """The serialized ProgramDesc (framework_pb2) of the prefill or decode program: paddle.static
@@ -429,13 +443,7 @@ def build_program_desc(layout: FusedLayout, shapes: dict[str, tuple], max_len: i
 
     paddle.enable_static()
     try:
-        main, startup = paddle.static.Program(), paddle.static.Program()
-        with paddle.static.program_guard(main, startup):
-            b = _Builder(layout, max_len, dtype, decode, shapes)
-            b._params = {}
-            for name in shapes:
-                b._params[name] = b.param(name)
-            inputs, logits = b.build()
+        main, b, inputs, logits = build_static(layout, shapes, max_len, decode, dtype)
         desc = framework_pb2.ProgramDesc.FromString(main.desc.serialize_to_string())
     finally:
         paddle.disable_static()

@@ -216,3 +216,48 @@ def test_convert_target_gpu_writes_a_fused_directory(tiny_decoder_dir, tmp_path)
     assert meta["validation"]["max_abs_logit_diff"] < fz.FUSED_PROBE_ATOL
     block, ops = _ops(tmp_path / "gpu" / DECODE_PROGRAM)
     assert sum(op.type == fz.FUSED_OP for op in ops) == info.num_hidden_layers
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_program_computes_the_rotary_table_and_mask_the_op_expects(decode):
+    """The float32 program with its stand-ins (identities) runs on the CPU: the rotary input and
+    the mask it hands every fused op equal `rotary_embs` and the reference's additive mask, and
+    with attention left out (the stand-in passes the mirrored stream through) the ops around the
+    fused op (mirror, slice, SwiGLU MLP, final norm, tied/untied head) equal the numpy reference's."""
+    model, w = _model(5)
+    layout = fz.FusedLayout.of(model.cfg)
+    arrays = fz.fused_weights(model.cfg, w, "float32")
+    ids, mask, pos = _batch()
+    if decode:
+        ids, pos = ids[:, -1:], pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], 1)
+    paddle.enable_static()
+    try:
+        main, b, inputs, logits_name = fz.build_static(layout, fz._param_shapes(arrays), 40, decode, "float32")
+        scope = paddle.static.global_scope().new_scope()
+        for n, a in arrays.items():
+            scope.var(n).get_tensor().set(a, paddle.CPUPlace())
+        feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask.astype(np.float32)}
+        if decode:
+            feed["time_step"] = np.array([mask.shape[1] - 1], np.int32)
+        for i in range(layout.layers):
+            feed[f"cache_kv_{i}"] = np.zeros(layout.cache_shape(3, 40), np.float32)
+        slots = b.stand_ins[0][2]
+        rope, bias, logits = paddle.static.Executor(paddle.CPUPlace()).run(
+            main, feed=feed, fetch_list=[slots["RotaryPosEmb"][0], slots["SrcMask"][0], logits_name], scope=scope)
+    finally:
+        paddle.disable_static()
+    np.testing.assert_allclose(rope, fz.rotary_embs(layout, pos), atol=1e-5)
+    if decode:
+        want = np.where(mask > 0, 0.0, fz.FUSED_MASK_VALUE)[:, None, None, :]
+    else:
+        S = ids.shape[1]
+        visible = np.tril(np.ones((S, S), bool))[None] & (mask[:, None, :] > 0)
+        want = np.where(visible, 0.0, fz.FUSED_MASK_VALUE)[:, None]
+    np.testing.assert_array_equal(bias, want)
+    w64 = {k: v.astype(np.float64) for k, v in arrays.items()}
+    x = w64["embed_tokens"][ids]
+    for i in range(layout.layers):
+        x = fz._outside_mlp(w64, i, layout, x)
+    want_logits = fz._rms(x[:, -1], w64["final_norm"], layout.eps) @ w64["lm_head"]
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
