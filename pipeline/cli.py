@@ -248,6 +248,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="predictor math threads in all (default: core count)")
     p.add_argument("--streams", type=int, default=1,
                    help="decoder predictors running batches at once, --threads split among them")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: fp16 on Paddle's fused_multi_transformer; needs requirements-gpu.txt and a model "
+                        "converted with --target gpu (written to Paddle's API, not run on this project's machines)")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
+                   help="cpu: fp32; gpu: fp16 (auto picks that)")
     p.add_argument("--chunk-rows", type=int, default=64, help="rows read and tokenized per task")
     p.add_argument("--window-rows", type=int, default=256,
                    help="rows sorted by length together and committed at once (a resumed run restarts a window)")
@@ -451,7 +456,8 @@ def _generate(args) -> int:
         stop_strings=tuple(args.stop_strings), drop_finished=not args.keep_finished,
         max_prompt_tokens=args.max_prompt_tokens, prompt_overflow=args.prompt_overflow, chat=args.chat,
         max_cache_mb=args.max_cache_mb, rerank_model=args.rerank_model)
-    cfg = RunConfig(**_job_fields(args), mode="generate", generation=gen)
+    cfg = RunConfig(**_job_fields(args), mode="generate", generation=gen, device=args.device,
+                    precision=args.precision)
     info = load_model_info(cfg.model) if cfg.model else default_generation_model()
     with cancel_on_signals() as cancel:
         report = run(cfg, info, cancel)

@@ -14,6 +14,11 @@ CPU_BUILD = lambda: (False, 0, False)  # noqa: E731 - what this machine's paddle
 GPU_BUILD = lambda: (True, 1, True)  # noqa: E731
 
 
+def _skip_on_a_gpu_build():
+    if dg._cuda_build()[0]:
+        pytest.skip("this install is a CUDA build: the CPU-build refusal does not apply")
+
+
 def test_config_plan():
     calls = dg.gpu_generation_config_calls(dg.GpuGenerationSettings(gpu_id=1, memory_pool_mb=2048))
     assert calls == [dg.ConfigCall("enable_use_gpu", (2048, 1, "PrecisionType.Float32")),
@@ -38,6 +43,7 @@ def test_config_plan_applies_to_a_real_config():
 
 
 def test_cpu_build_says_what_is_missing():
+    _skip_on_a_gpu_build()
     with pytest.raises(dg.GpuGenerationUnavailable) as e:
         dg.require_gpu_build()  # the real probe: this install
     msg = str(e.value)
@@ -86,6 +92,7 @@ def test_config_validation(fused_dir, tiny_decoder_dir, monkeypatch):
     from pipeline.config import ConfigError, resolve
     from pipeline.engine.modeldir import load_model_info
 
+    _skip_on_a_gpu_build()
     fused, cpu = load_model_info(fused_dir), load_model_info(tiny_decoder_dir)
     with pytest.raises(ConfigError, match="requirements-gpu.txt.*CPU-only paddlepaddle 2.6.2"):
         resolve(_cfg(fused_dir, device="gpu", precision="fp16"), fused)  # this CPU build
@@ -105,5 +112,22 @@ def test_config_validation(fused_dir, tiny_decoder_dir, monkeypatch):
 
 
 def test_predictor_refuses_on_the_cpu_build(fused_dir):
+    _skip_on_a_gpu_build()
     with pytest.raises(dg.GpuGenerationUnavailable, match="CPU-only paddlepaddle"):
         dg.FusedDecoderPredictor(fused_dir, max_batch=2, max_len=16)
+
+
+def test_cli_generate_on_the_gpu_fails_with_what_is_missing(fused_dir, tmp_path, capsys):
+    from pipeline.cli import main
+
+    _skip_on_a_gpu_build()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "hello"}\n')
+    assert main(["generate", str(prompts), "--model", str(fused_dir), "--out", str(tmp_path / "o"),
+                 "--device", "gpu", "--precision", "fp16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "requirements-gpu.txt" in err and "CPU-only paddlepaddle" in err
+    assert not (tmp_path / "o" / "generations.jsonl").exists()
+    assert main(["generate", str(prompts), "--model", str(fused_dir), "--out", str(tmp_path / "o"),
+                 "--precision", "fp16", "--no-progress"]) == 2
+    assert "--precision fp16 needs --device gpu" in capsys.readouterr().err
