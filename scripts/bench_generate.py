@@ -1,5 +1,7 @@
 """Generated tokens/s of SmolLM2-135M (fp32, greedy): our pipeline vs the PaddleNLP baseline vs transformers.
 
+    python scripts/bench_generate.py --peers ...   # every peer side by side: see scripts/bench/gen_peers.py
+
     python scripts/bench_generate.py [--prompts 64] [--max-new-tokens 32] [--threads 2] [--workers 1]
         [--baseline-batch 8] [--ours-batch 32] [--skip SYSTEM ...] [--json bench_out/generate.json]
 
@@ -312,6 +314,13 @@ def fmt_err(res: dict) -> str:
 
 
 def main() -> None:
+    if "--peers" in sys.argv[1:]:
+        # The side-by-side peers benchmark (greedy and beam, 1 and 2 threads, CTranslate2 and
+        # llama.cpp too): scripts/bench/gen_peers.py, with its own flags.
+        sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+        from gen_peers import main as peers_main
+
+        sys.exit(peers_main(sys.argv[1:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=64, help="the first N prompts of the sample")
     ap.add_argument("--max-new-tokens", type=int, default=32)
