@@ -554,6 +554,33 @@ def analyse(report: dict, info) -> None:
                       "fraction_of_bound": round(bound_ms / st["ms_per_step"], 3), "target": 0.7,
                       "met": bound_ms / st["ms_per_step"] >= 0.7})
     report["target_bandwidth_bound"] = bound
+    # The same bound for every system's batch-1 step, where its bytes per step are known: the fp32
+    # ones read the same weights as ours fp32; llama.cpp Q4_1 reads its GGUF's tensor bytes.
+    # CTranslate2 int8 quantises at load time (bytes not known from a file): left out.
+    fp32_weights = step_bytes(info, 0)["weights_bytes"]
+    q4_weights = _gguf_tensor_bytes(report["files"]["gguf_q4_1"]) if report.get("files") else None
+    every = []
+    for r in ok:
+        st = r.get("decode_steps", {}).get("1")
+        gbs = bw.get(str(r["threads"]))
+        if st is None or not gbs or r["family"] == "ours":
+            continue
+        weights = fp32_weights if r["precision"] == "fp32" else q4_weights if r["precision"] == "q4_1" else None
+        if weights is None:
+            continue
+        ctx = st["mean_prompt_tokens"] + report["max_new_tokens"] / 2
+        kv = info.num_hidden_layers * 2 * info.num_key_value_heads * info.head_dim * 4 * ctx
+        bound_ms = (weights + kv) / (gbs * 1e9) * 1000
+        every.append({"system": r["system"], "threads": r["threads"], "bytes": int(weights + kv), "bound_ms":
+                      round(bound_ms, 2), "measured_ms": st["ms_per_step"],
+                      "fraction_of_bound": round(bound_ms / st["ms_per_step"], 3)})
+    report["bandwidth_bound_peers"] = every
+
+
+def _gguf_tensor_bytes(path: str) -> int:
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(path).tensors))
 
 
 def render(report: dict) -> str:
@@ -600,6 +627,10 @@ def render(report: dict) -> str:
                  f"{b['bytes'] / 1e6:.0f} MB per step / {b['bandwidth_gb_per_s']:.1f} GB/s = {b['bound_ms']:.1f} ms "
                  f"bound; measured {b['measured_ms']:.1f} ms = {100 * b['fraction_of_bound']:.0f}% of the bound: "
                  f"{'met' if b['met'] else 'NOT met'}")
+    for b in report.get("bandwidth_bound_peers", []):
+        L.append(f"bound, for comparison ({b['system']}, {b['threads']} thr): {b['bytes'] / 1e6:.0f} MB per step, "
+                 f"{b['bound_ms']:.1f} ms bound; measured {b['measured_ms']:.1f} ms = "
+                 f"{100 * b['fraction_of_bound']:.0f}% of the bound")
     return "\n".join(L)
 
 
