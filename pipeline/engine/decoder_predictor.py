@@ -117,6 +117,9 @@ class DecoderPredictor:
     - `select(rows)`: the cache keeps row rows[i] as its row i (beam search, finished rows
       dropped): the `StepModel` interface of engine/decoding.py.
     - `truncate(length)`: forget the columns from `length` on (to decode again from there).
+    - `insert(rows, input_ids, position_ids, attention_mask)`: continuous batching: prefill new
+      prompts into rows of the running batch, ending at the current column; `compact(first)`:
+      drop the first columns (see engine/continuous.py).
     - `cache`: per layer (key, value) views [B, KV, length, D] of the live cache (no copy).
     """
 
@@ -258,10 +261,21 @@ class DecoderPredictor:
             raise DecoderCacheFull(f"a prompt of {S} columns does not fit a cache of max_len {self.max_len}")
         self.batch, self.length = B, 0
         self._lay_out(self._capacity_for(S + 1))
+        logits = self._prefill_into(np.arange(B), S, input_ids, position_ids, attention_mask)
+        self.length = S
+        return logits
+
+    def _prefill_into(self, dest: np.ndarray, end: int, input_ids: np.ndarray, position_ids: np.ndarray,
+                      attention_mask: np.ndarray) -> np.ndarray:
+        """Run the prompt pass of a left-padded [n, S] batch in groups of similar length and
+        write its keys and values right-aligned into cache rows `dest`, columns [end - S, end);
+        the rows' columns left of their group's are zeroed (masked, as padding is)."""
+        n, S = input_ids.shape
+        whole_cache = len(dest) == self.batch and end == S and np.array_equal(dest, np.arange(self.batch))
         logits = None
         for rows, cols in self.prefill_groups(attention_mask):
             part = slice(S - cols, S)
-            whole = len(rows) == B
+            whole = len(rows) == n
             for handle, arr, dtype in zip(self._pre_in, (input_ids, position_ids, attention_mask),
                                           (np.int64, np.int64, np.float32)):
                 self._feed(handle, arr[:, part] if whole else arr[rows, part], dtype)
@@ -269,17 +283,53 @@ class DecoderPredictor:
             self.prefill_tokens += len(rows) * cols
             out = self._pre_out[0].copy_to_cpu()
             if logits is None:
-                logits = np.empty((B,) + out.shape[1:], out.dtype)
+                logits = np.empty((n,) + out.shape[1:], out.dtype)
             logits[rows] = out
             for view, handle in zip(self._views, self._pre_out[1:]):
-                if whole:
-                    view[:, :, part] = handle.copy_to_cpu()
-                    view[:, :, :S - cols] = 0
+                if whole and whole_cache:
+                    view[:, :, end - cols:end] = handle.copy_to_cpu()
+                    view[:, :, :end - cols] = 0
                 else:
-                    view[rows, :, S - cols:S] = handle.copy_to_cpu()
-                    view[rows, :, :S - cols] = 0
-        self.length = S
+                    at = dest[rows]
+                    view[at, :, end - cols:end] = handle.copy_to_cpu()
+                    view[at, :, :end - cols] = 0
         return logits
+
+    def insert(self, rows: np.ndarray, input_ids: np.ndarray, position_ids: np.ndarray,
+               attention_mask: np.ndarray) -> np.ndarray:
+        """Continuous batching: prefill n new prompts (a left-padded [n, S] batch, S <= `length`)
+        into cache rows `rows`, right-aligned at the current column: their keys and values fill
+        columns [length - S, length), so their next token is written at column `length` with
+        every other row's. A row may be an existing one (a finished sequence's, overwritten) or
+        one past the batch (the batch grows; such rows must continue batch, batch + 1, ...).
+        Returns the logits after each new prompt's last token [n, V]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n, S = input_ids.shape
+        assert self.batch, "insert before prefill"
+        assert position_ids.shape == attention_mask.shape == (n, S) and rows.shape == (n,), (
+            f"insert: rows {rows.shape}, inputs {input_ids.shape}, {position_ids.shape}, {attention_mask.shape}")
+        assert S <= self.length, f"insert: a prompt of {S} columns cannot end at column {self.length}"
+        assert len(np.unique(rows)) == n and rows.min() >= 0, f"insert: rows {rows} repeat or are negative"
+        grown = rows[rows >= self.batch]
+        new_batch = self.batch + len(grown)
+        assert new_batch <= self.max_batch, f"insert: {new_batch} rows > max_batch {self.max_batch}"
+        assert set(grown.tolist()) == set(range(self.batch, new_batch)), (
+            f"insert: rows past the batch of {self.batch} must continue it: {sorted(grown.tolist())}")
+        if new_batch > self.batch:
+            # The buffers are [B, KV, capacity, D] with B outermost: existing rows keep their memory.
+            self.batch = new_batch
+            self._views = [self._view(f, self.capacity) for f in self._flat]
+            self._share_views()
+        return self._prefill_into(rows, self.length, input_ids, position_ids, attention_mask)
+
+    def compact(self, first: int) -> None:
+        """Drop the cache's first `first` columns (no row attends them any more): every layer's
+        live columns move left by `first`, one copy of the live cache."""
+        assert 0 < first < self.length, f"compact {first} columns of {self.length}"
+        keep = self.length - first
+        for view in self._views:
+            view[:, :, :keep] = view[:, :, first:self.length]  # numpy copies through a temporary on overlap
+        self.length = keep  # the layout keeps its capacity (a smaller one would be a second copy)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         B, T = self.batch, self.length

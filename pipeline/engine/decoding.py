@@ -162,6 +162,7 @@ class _Batch:
         self.phys = phys
         self.stats.step_calls += 1
         self.stats.row_steps += len(self.mask)
+        self.stats.idle_row_steps += len(self.mask) - n
         return logits[phys]
 
 
@@ -252,69 +253,83 @@ class _NBest:
         return sorted(self.items, key=lambda c: -c.score)[:n]
 
 
-def _decode_beams(batch: _Batch, first: np.ndarray, s: DecodingSettings,
-                  decode: Optional[Callable]) -> list[list[Candidate]]:
-    b, v = first.shape
+def _beam_step(logits: np.ndarray, beam_prompt: np.ndarray, beam_tokens: list[list[int]], beam_sums: np.ndarray,
+               hyps: dict, s: DecodingSettings, decode: Optional[Callable]) -> tuple[list, list, list, list, list]:
+    """One beam-search step for live beams grouped by prompt (each prompt's beams contiguous,
+    all of one prompt with the same number of tokens): each prompt's next beams, as (parents:
+    indices into the given beams, tokens, sums, prompts, token lists). A prompt that is done, or
+    reaches max_new_tokens, puts its hypotheses into `hyps[prompt]` and has no next beams.
+    Shared by static batches (every prompt at the same step) and continuous batching (prompts
+    that joined at different steps)."""
+    v = logits.shape[1]
     k = s.num_beams
     eos = set(s.eos_token_ids)
     n_cand = max(2, 1 + len(eos)) * k  # continuations ranked per prompt, as HF
-    hyps = [_NBest(s) for _ in range(b)]
+    # A prompt's best n_cand continuations are among each of its beams' best n_cand tokens,
+    # so only those are scored: no [beams, V] log-softmax, no sort over the vocabulary.
+    x = as_float(logits)
+    top = top_tokens(x, n_cand)
+    rows = np.repeat(np.arange(len(x)), top.shape[1])
+    scores = beam_sums[rows] + token_logprobs(x, *log_normalizers(x), rows, top.ravel())
+    scores = scores.reshape(top.shape)
+    parents: list[int] = []
+    new_tok: list[int] = []
+    new_sum: list[float] = []
+    new_prompt: list[int] = []
+    new_tokens: list[list[int]] = []
+    bounds = np.flatnonzero(np.diff(beam_prompt)) + 1
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(beam_prompt)]])):
+        p = int(beam_prompt[lo])
+        generated = len(beam_tokens[lo]) + 1
+        last = generated == s.max_new_tokens
+        cand = scores[lo:hi].ravel()
+        flat = ((np.arange(hi - lo) * v)[:, None] + top[lo:hi]).ravel()  # beam-major, as HF flattens
+        order = np.lexsort((flat, -cand))[:n_cand]  # best first, ties by index
+        start = len(parents)
+        for rank, j in enumerate(order):
+            beam, tk, sc = lo + int(flat[j]) // v, int(flat[j]) % v, float(cand[j])
+            seq = beam_tokens[beam] + [tk]
+            reason, stop = (EOS, None) if tk in eos else (None, None)
+            if reason is None and s.stop_strings:
+                stop = _stop_hit(decode, s.stop_strings, seq)
+                reason = STOP if stop is not None else None
+            if reason is not None:
+                if rank < k:  # HF: an ending outside the top num_beams is not kept
+                    hyps[p].add(Candidate(tuple(seq), sc, sc / generated ** s.length_penalty, reason, stop))
+                continue
+            parents.append(beam)
+            new_tok.append(tk)
+            new_sum.append(sc)
+            new_prompt.append(p)
+            new_tokens.append(seq)
+            if len(parents) - start == k:
+                break
+        done = len(parents) == start or hyps[p].is_done(float(cand[order[0]]), generated)
+        if not done and last:
+            for seq, sc in zip(new_tokens[start:], new_sum[start:]):
+                hyps[p].add(Candidate(tuple(seq), sc, sc / generated ** s.length_penalty, LENGTH))
+        if done or last:
+            del parents[start:], new_tok[start:], new_sum[start:], new_prompt[start:], new_tokens[start:]
+    return parents, new_tok, new_sum, new_prompt, new_tokens
+
+
+def _decode_beams(batch: _Batch, first: np.ndarray, s: DecodingSettings,
+                  decode: Optional[Callable]) -> list[list[Candidate]]:
+    b = len(first)
+    hyps = {p: _NBest(s) for p in range(b)}
     # The live beams, grouped by prompt in prompt order.
     beam_prompt = np.arange(b)
     beam_tokens: list[list[int]] = [[] for _ in range(b)]
     beam_sums = np.zeros(b)
-    cache_row = np.arange(b)
     logits = first
-    for t in range(s.max_new_tokens):
-        generated, last = t + 1, t == s.max_new_tokens - 1
-        # A prompt's best n_cand continuations are among each of its beams' best n_cand tokens,
-        # so only those are scored: no [beams, V] log-softmax, no sort over the vocabulary.
-        x = as_float(logits)
-        top = top_tokens(x, n_cand)
-        rows = np.repeat(np.arange(len(x)), top.shape[1])
-        scores = beam_sums[rows] + token_logprobs(x, *log_normalizers(x), rows, top.ravel())
-        scores = scores.reshape(top.shape)
-        parents: list[int] = []
-        new_tok: list[int] = []
-        new_sum: list[float] = []
-        new_prompt: list[int] = []
-        new_tokens: list[list[int]] = []
-        bounds = np.flatnonzero(np.diff(beam_prompt)) + 1
-        for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(beam_prompt)]])):
-            p = int(beam_prompt[lo])
-            cand = scores[lo:hi].ravel()
-            flat = ((np.arange(hi - lo) * v)[:, None] + top[lo:hi]).ravel()  # beam-major, as HF flattens
-            order = np.lexsort((flat, -cand))[:n_cand]  # best first, ties by index
-            start = len(parents)
-            for rank, j in enumerate(order):
-                beam, tk, sc = lo + int(flat[j]) // v, int(flat[j]) % v, float(cand[j])
-                seq = beam_tokens[beam] + [tk]
-                reason, stop = (EOS, None) if tk in eos else (None, None)
-                if reason is None and s.stop_strings:
-                    stop = _stop_hit(decode, s.stop_strings, seq)
-                    reason = STOP if stop is not None else None
-                if reason is not None:
-                    if rank < k:  # HF: an ending outside the top num_beams is not kept
-                        hyps[p].add(Candidate(tuple(seq), sc, sc / generated ** s.length_penalty, reason, stop))
-                    continue
-                parents.append(int(cache_row[beam]))
-                new_tok.append(tk)
-                new_sum.append(sc)
-                new_prompt.append(p)
-                new_tokens.append(seq)
-                if len(parents) - start == k:
-                    break
-            if len(parents) == start or hyps[p].is_done(float(cand[order[0]]), generated):
-                del parents[start:], new_tok[start:], new_sum[start:], new_prompt[start:], new_tokens[start:]
-            elif last:
-                for seq, sc in zip(new_tokens[start:], new_sum[start:]):
-                    hyps[p].add(Candidate(tuple(seq), sc, sc / generated ** s.length_penalty, LENGTH))
-        if last or not parents:
+    for _ in range(s.max_new_tokens):
+        parents, new_tok, new_sum, new_prompt, new_tokens = _beam_step(logits, beam_prompt, beam_tokens, beam_sums,
+                                                                       hyps, s, decode)
+        if not parents:
             break
-        logits = batch.advance(np.array(parents), np.array(new_tok), width=b * k)
+        logits = batch.advance(np.array(parents), np.array(new_tok), width=b * s.num_beams)
         beam_prompt, beam_tokens, beam_sums = np.array(new_prompt), new_tokens, np.array(new_sum)
-        cache_row = np.arange(len(parents))
-    return [h.ranked(s.num_return_sequences) for h in hyps]
+    return [hyps[p].ranked(s.num_return_sequences) for p in range(b)]
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -92,3 +92,8 @@ class DecodeStats:
     step_calls: int = 0
     row_steps: int = 0  # rows fed to step calls, summed: the decode compute
     selects: int = 0
+    idle_row_steps: int = 0  # of row_steps, rows fed padding (finished or empty): compute that made no token
+    idle_row_steps_waiting: int = 0  # of those, while prompts of the same run waited for a slot
+    inserts: int = 0  # continuous batching: prefill calls that put waiting prompts into freed rows
+    inserted_prompts: int = 0  # prompts those calls admitted
+    compactions: int = 0  # continuous batching: times the cache's unused leading columns were dropped

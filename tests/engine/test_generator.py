@@ -90,6 +90,38 @@ class SumLM:
         self.rows = [list(self.rows[int(r)]) for r in rows]
         self.mask = self.mask[rows]
 
+    # continuous batching
+    def insert(self, rows, ids, pos, mask):
+        self._enter()
+        try:
+            rows = np.asarray(rows)
+            n, length = ids.shape
+            t = self.mask.shape[1]
+            assert ids.dtype == pos.dtype == np.int64 and pos.shape == mask.shape == (n, length) and length <= t
+            assert len(set(rows.tolist())) == n
+            grow = max(int(rows.max()) + 1 - len(self.rows), 0)
+            assert len(self.rows) + grow <= self.max_rows
+            assert set(r for r in rows.tolist() if r >= len(self.rows)) == set(range(len(self.rows), len(self.rows) + grow))
+            self.calls["insert"] = self.calls.get("insert", 0) + 1
+            self.rows += [[] for _ in range(grow)]
+            self.mask = np.concatenate([self.mask, np.zeros((grow, t), np.int64)])
+            out = []
+            for k, r in enumerate(rows.tolist()):
+                real = mask[k].astype(bool)
+                assert real[-1] and np.array_equal(pos[k][real], np.arange(real.sum()))
+                self.rows[r] = [int(x) for x in ids[k][real]]
+                self.mask[r] = 0
+                self.mask[r, t - length:] = mask[k]
+                out.append(logits_of(self.rows[r]))
+            return np.stack(out)
+        finally:
+            self.busy = False
+
+    def compact(self, first):
+        assert 0 < first < self.mask.shape[1]
+        self.calls["compact"] = self.calls.get("compact", 0) + 1
+        self.mask = self.mask[:, first:]
+
 
 def reference_greedy(prompt, max_new, eos=EOS):
     seq, out, lp = list(prompt), [], 0.0
@@ -111,7 +143,7 @@ BYTES_PER_TOKEN = 1 * 2 * 1 * 1 * 4
 
 
 def make(decoding: DecodingSettings, *, cache_tokens=10_000, rows=64, threads=1, streams=1, window=None,
-         models: list | None = None) -> Generator:
+         models: list | None = None, batching="static", admit_min=1) -> Generator:
     def backend(max_rows, max_len, threads_):
         m = SumLM(max_rows, max_len, threads_)
         if models is not None:
@@ -119,7 +151,7 @@ def make(decoding: DecodingSettings, *, cache_tokens=10_000, rows=64, threads=1,
         return m
 
     s = GeneratorSettings(decoding, cache_tokens * BYTES_PER_TOKEN, rows, MAX_PROMPT, threads=threads,
-                          streams=streams, window=window)
+                          streams=streams, window=window, batching=batching, admit_min=admit_min)
     return Generator(MODEL, s, backend=backend)
 
 
