@@ -231,6 +231,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=g.seed, help="sampling: a row's sample depends on this and its id only")
     p.add_argument("--stop", dest="stop_strings", action="append", default=[],
                    help="stop a candidate where this string appears (repeatable); the text is cut before it")
+    p.add_argument("--batching", choices=["continuous", "static"], default=g.batching,
+                   help="continuous: a finished sequence's slot takes the next waiting prompt; static: a batch "
+                        "runs to its longest row (README: How a batch runs)")
     p.add_argument("--keep-finished", action="store_true",
                    help="keep finished rows in their batch, fed padding (for measuring; same results, slower)")
     p.add_argument("--chat", action="store_true",
@@ -453,7 +456,7 @@ def _generate(args) -> int:
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
         length_penalty=args.length_penalty, early_stopping=args.early_stopping, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        stop_strings=tuple(args.stop_strings), drop_finished=not args.keep_finished,
+        stop_strings=tuple(args.stop_strings), drop_finished=not args.keep_finished, batching=args.batching,
         max_prompt_tokens=args.max_prompt_tokens, prompt_overflow=args.prompt_overflow, chat=args.chat,
         max_cache_mb=args.max_cache_mb, rerank_model=args.rerank_model)
     cfg = RunConfig(**_job_fields(args), mode="generate", generation=gen, device=args.device,

@@ -164,7 +164,12 @@ def _generation_report(model, settings_dict: dict, files: list[Path], rows_read:
             "batches": tally.batches,
             "decode_steps": int(c("step_calls")),
             "row_steps": int(c("row_steps")),
+            "idle_row_steps": int(c("idle_row_steps")),  # of row_steps: rows fed padding (finished or empty)
+            "idle_row_steps_waiting": int(c("idle_row_steps_waiting")),  # continuous: of those, while prompts waited
             "cache_selects": int(c("selects")),
+            "inserts": int(c("inserts")),  # continuous: prefill calls that refilled freed rows
+            "inserted_prompts": int(c("inserted_prompts")),
+            "compactions": int(c("compactions")),  # continuous: unused leading cache columns dropped
         },
         "seconds": {
             "startup": timing.startup,
@@ -174,6 +179,7 @@ def _generation_report(model, settings_dict: dict, files: list[Path], rows_read:
             "generate": tally.infer_seconds,
             "prefill": c("prefill_seconds"),
             "decode_steps": c("step_seconds"),
+            "compact": c("compact_seconds"),
             "detokenize": c("detokenize_seconds"),
             "rerank": c("rerank_seconds"),
             "write": tally.write_seconds,

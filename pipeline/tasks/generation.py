@@ -209,6 +209,9 @@ class Generation:
             "row_steps": stats.row_steps, "selects": stats.selects, "prefill_seconds": stats.prefill_seconds,
             "step_seconds": stats.step_seconds, "detokenize_seconds": detok_s,
             "prefill_tokens": stats.prefill_tokens,
+            "idle_row_steps": stats.idle_row_steps, "idle_row_steps_waiting": stats.idle_row_steps_waiting,
+            "inserts": stats.inserts, "inserted_prompts": stats.inserted_prompts,
+            "compactions": stats.compactions, "compact_seconds": stats.compact_seconds,
             "rerank_seconds": rerank[1] if rerank else 0.0,
         }
         batch_stats = BatchStats(sequences=stats.prompts, tokens=stats.prompt_tokens,

@@ -327,3 +327,86 @@ def test_stop_strings_use_the_decode_callback():
                 continue
         assert list(c.token_ids) == w
     assert hit >= 1
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+MANY_PROMPTS = [list(np.random.default_rng(i).integers(2, VOCAB, 1 + i % MAX_PROMPT)) for i in range(29)]
+
+
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLE, BEAM], ids=["greedy", "sample", "beam"])
+@pytest.mark.parametrize("shape", [dict(), dict(cache_tokens=60), dict(window=7, cache_tokens=80),
+                                   dict(threads=2, streams=2, cache_tokens=60), dict(cache_tokens=60, admit_min=3)],
+                         ids=["one-run", "tight", "windows", "streams", "admit-3"])
+def test_continuous_batching_gives_the_static_results(settings, shape):
+    prompts = [[int(t) for t in p] for p in MANY_PROMPTS]
+    keys = [f"id{i}" for i in range(len(prompts))]
+    with make(settings, cache_tokens=shape.get("cache_tokens", 10_000), window=shape.get("window")) as g:
+        want, st_static = g.generate(prompts, row_keys=keys)
+    models, calls = [], []
+    with make(settings, batching="continuous", models=models, **shape) as g:
+        got, st = g.generate(prompts, row_keys=keys, on_batch=lambda n, t: calls.append((n, t)),
+                             on_candidates=lambda rows, out: calls.append(("rows", sorted(rows.tolist()))))
+    assert got == want  # the toy's logits are row by row: bitwise
+    assert (st.prompts, st.generated_tokens, st.prompt_tokens) == (
+        st_static.prompts, st_static.generated_tokens, st_static.prompt_tokens)
+    # on_candidates names every prompt once; on_batch's counts add up to the totals
+    named = [r for c in calls if c[0] == "rows" for r in c[1]]
+    assert sorted(named) == list(range(len(prompts)))
+    assert sum(n for n, t in calls if n != "rows") == len(prompts)
+    assert sum(t for n, t in calls if n != "rows") == st.generated_tokens
+    if "cache_tokens" in shape:
+        assert st.inserts >= 1 and sum(m.calls.get("insert", 0) for m in models) == st.inserts
+        if settings is not SAMPLE and shape.get("admit_min", 1) == 1:
+            assert st.idle_row_steps <= st_static.idle_row_steps
+            assert st.idle_row_steps_waiting == 0  # no step ran a finished row while prompts waited
+        if settings is not BEAM:  # independent rows: the same tokens take the same useful row-steps
+            assert st.row_steps - st.idle_row_steps == st_static.row_steps - st_static.idle_row_steps
+
+
+def test_continuous_batching_keeps_the_cache_budget():
+    """Rows x columns never exceed what the budget allows the window's first (longest) batch."""
+    prompts = [[int(t) for t in p] for p in MANY_PROMPTS]
+    peak = []
+
+    class Peak(SumLM):
+        def step(self, ids, pos, mask):
+            peak.append(mask.shape[0] * mask.shape[1])
+            return super().step(ids, pos, mask)
+
+    budget = 60
+    s = GeneratorSettings(BEAM, budget * BYTES_PER_TOKEN, 64, MAX_PROMPT, batching="continuous")
+    with Generator(MODEL, s, backend=lambda r, n, t: Peak(r, n, t)) as g:
+        _, st = g.generate(prompts)
+    assert st.compactions >= 1 and max(peak) <= budget
+
+
+def test_continuous_batching_refuses_a_model_without_insert():
+    class Static(SumLM):
+        insert = compact = None
+
+    s = GeneratorSettings(GREEDY, 10_000 * BYTES_PER_TOKEN, 64, MAX_PROMPT, batching="continuous")
+    with Generator(MODEL, s, backend=lambda r, n, t: Static(r, n, t)) as g:
+        with pytest.raises(AssertionError, match="batching='static'"):
+            g.generate(PROMPTS)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_continuous_cancelled_token_raises_before_any_prefill(streams):
+    token = CancelToken()
+    token.cancel()
+    models = []
+    with make(GREEDY, threads=streams, streams=streams, models=models, batching="continuous") as g:
+        with pytest.raises(Cancelled):
+            g.generate(PROMPTS, cancel=token)
+    assert sum(m.calls["prefill"] for m in models) == 0
+
+
+def test_continuous_cancel_stops_before_the_next_admission():
+    token = CancelToken()
+    models = []
+    prompts = [[int(t) for t in p] for p in MANY_PROMPTS]
+    with make(GREEDY, cache_tokens=60, models=models, batching="continuous") as g:
+        with pytest.raises(Cancelled):
+            g.generate(prompts, cancel=token, on_candidates=lambda rows, out: token.cancel())
+    assert models[0].calls.get("insert", 0) < len(prompts) - 1
