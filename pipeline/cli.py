@@ -234,6 +234,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--batching", choices=["continuous", "static"], default=g.batching,
                    help="continuous: a finished sequence's slot takes the next waiting prompt; static: a batch "
                         "runs to its longest row (README: How a batch runs)")
+    p.add_argument("--admit-min", type=int, default=g.admit_min,
+                   help="continuous batching: free slots to wait for before prefilling waiting prompts into them")
     p.add_argument("--keep-finished", action="store_true",
                    help="keep finished rows in their batch, fed padding (for measuring; same results, slower)")
     p.add_argument("--chat", action="store_true",
@@ -457,6 +459,7 @@ def _generate(args) -> int:
         length_penalty=args.length_penalty, early_stopping=args.early_stopping, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         stop_strings=tuple(args.stop_strings), drop_finished=not args.keep_finished, batching=args.batching,
+        admit_min=args.admit_min,
         max_prompt_tokens=args.max_prompt_tokens, prompt_overflow=args.prompt_overflow, chat=args.chat,
         max_cache_mb=args.max_cache_mb, rerank_model=args.rerank_model)
     cfg = RunConfig(**_job_fields(args), mode="generate", generation=gen, device=args.device,

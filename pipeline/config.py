@@ -17,7 +17,7 @@ from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.engine.decoding_settings import DecodingSettings
 from pipeline.engine.engine import EngineSettings
 from pipeline.engine.generation_batching import GenerationBudget, check_fits
-from pipeline.engine.generator import BATCHING, GeneratorSettings, kv_spec
+from pipeline.engine.generator import ADMIT_MIN_DEFAULT, BATCHING, GeneratorSettings, kv_spec
 from pipeline.engine.prompt_text import OVERFLOW
 from pipeline.errors import ConfigError
 from pipeline.engine.modeldir import ModelInfo
@@ -82,6 +82,7 @@ class GenerationOptions:
     stop_strings: tuple[str, ...] = ()
     drop_finished: bool = True  # finished rows leave the batch (False: kept, fed padding; for measuring)
     batching: str = "continuous"  # 'continuous' (freed slots take the next prompt) | 'static' (engine/generator.py)
+    admit_min: int = ADMIT_MIN_DEFAULT  # continuous: free slots that start a prefill of waiting prompts
     max_prompt_tokens: int | None = None  # None: min(512, the model's max_seq_len - max_new_tokens)
     prompt_overflow: str = "truncate"  # 'truncate' (keep the last tokens) | 'reject'
     chat: bool = False  # wrap plain prompts as one user turn of the model's chat template
@@ -101,6 +102,7 @@ class GenerationSettings:
     max_batch_rows: int
     rerank_model: str | None
     batching: str = "continuous"
+    admit_min: int = ADMIT_MIN_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ class Settings:
         assert g is not None, "not a generation run"
         return GeneratorSettings(decoding=g.decoding, max_cache_bytes=g.max_cache_bytes, max_batch_rows=g.max_batch_rows,
                                  max_prompt_tokens=g.max_prompt_tokens, threads=self.threads, streams=self.streams,
-                                 batching=g.batching)
+                                 batching=g.batching, admit_min=g.admit_min)
 
     @property
     def threads_per_stream(self) -> int:
@@ -232,6 +234,8 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
         g = replace(g, max_prompt_tokens=min(DEFAULT_MAX_PROMPT_TOKENS, info.max_seq_len - g.max_new_tokens))
     if g.batching not in BATCHING:
         raise ConfigError(f"--batching must be one of {', '.join(BATCHING)}, got {g.batching!r}")
+    if g.admit_min < 1:
+        raise ConfigError(f"--admit-min must be >= 1, got {g.admit_min}")
     if g.prompt_overflow not in OVERFLOW:
         raise ConfigError(f"--prompt-overflow must be one of {', '.join(OVERFLOW)}, got {g.prompt_overflow!r}")
     if g.max_prompt_tokens < 1 or g.max_cache_mb < 1:
@@ -264,7 +268,7 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
         progress=progress, run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting,
         generation=GenerationSettings(decoding=decoding, max_prompt_tokens=g.max_prompt_tokens,
                                       prompt_overflow=g.prompt_overflow, chat=g.chat, max_cache_bytes=max_cache_bytes,
-                                      max_batch_rows=cfg.max_batch_size, batching=g.batching,
+                                      max_batch_rows=cfg.max_batch_size, batching=g.batching, admit_min=g.admit_min,
                                       rerank_model=None if g.rerank_model is None else str(Path(g.rerank_model).resolve())),
     )
 

@@ -5,7 +5,10 @@ one setting changed at a time, alternating rounds, one table and a JSON.
         [--threads 2] [--json bench_out/generate_variants.json]
 
 Variants (each a full CLI run, fresh --out, report.json read back):
-- default: finished rows dropped from their batch, one stream, --max-batch-size 32;
+- default: continuous batching (a finished sequence's slot takes the next waiting prompt), one
+  stream, --max-batch-size 32;
+- static: `--batching static`: each batch runs to its longest row, finished rows dropped lazily;
+- admit-4: continuous, newcomers prefilled once 4 slots are free (`--admit-min 4`; default 1);
 - keep-finished: finished rows stay in the batch, fed padding (`--keep-finished`): what dropping saves;
 - streams-2: two decoder predictors with one thread each;
 - batch-64 / batch-16 / batch-8: other row caps (bigger batches read the weights once for more
@@ -33,6 +36,8 @@ sys.path.insert(0, str(REPO))
 
 VARIANTS = {
     "default": [],
+    "static": ["--batching", "static"],
+    "admit-4": ["--admit-min", "4"],
     "keep-finished": ["--keep-finished"],
     "streams-2": ["--streams", "2"],
     "batch-64": ["--max-batch-size", "64"],
@@ -48,6 +53,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--stop", action="append", default=[], help="passed to generate (mixes the output lengths)")
+    ap.add_argument("--first", type=int, default=0, help="skip the sample's first N prompts")
     ap.add_argument("--json", type=Path, default=REPO / "bench_out" / "generate_variants.json")
     args = ap.parse_args()
 
@@ -55,7 +62,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-variants-"))
     src = tmp / "prompts.jsonl"
-    lines = (REPO / "data" / "generate" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()[:args.prompts]
+    lines = (REPO / "data" / "generate" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = lines[args.first:args.first + args.prompts]
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     outputs: dict[str, dict] = {}
@@ -63,7 +71,8 @@ def main() -> int:
         for v in args.variants:
             out = tmp / f"{v}-{r}"
             cmd = [sys.executable, "-m", "pipeline", "generate", str(src), "--out", str(out), "--no-progress",
-                   "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens), *VARIANTS[v]]
+                   "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens), *VARIANTS[v],
+                   *[f"--stop={x}" for x in args.stop]]
             load = os.getloadavg()[0]
             subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
             rep = json.loads((out / "report.json").read_text())
@@ -72,6 +81,10 @@ def main() -> int:
             runs[v].append({"tokens_per_s": t["generated"] / work, "seconds": work, "prefill": s["prefill"],
                             "decode_steps": s["decode_steps"], "row_steps": t["row_steps"],
                             "steps": t["decode_steps"], "batches": t["batches"], "padding": t["padding_overhead"],
+                            "idle_row_steps": t.get("idle_row_steps", 0),
+                            "idle_row_steps_waiting": t.get("idle_row_steps_waiting", 0),
+                            "inserts": t.get("inserts", 0), "compactions": t.get("compactions", 0),
+                            "compact_s": s.get("compact", 0.0), "generated": t["generated"],
                             "load_before": load})
             if v not in outputs:
                 rows = map(json.loads, (out / "generations.jsonl").read_text(encoding="utf-8").splitlines())
@@ -85,15 +98,17 @@ def main() -> int:
     cpu = cpu_info()
     print(f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}), threads {args.threads}, {args.prompts} prompts, "
           f"max_new_tokens {args.max_new_tokens}, {args.rounds} rounds (median)")
-    print(f"{'variant':14s} {'tok/s':>7s} {'seconds':>8s} {'prefill':>8s} {'steps s':>8s} {'row-steps':>9s} "
-          f"{'batches':>7s} {'pad %':>6s} {'same tokens':>11s} {'max d logp':>10s}")
+    print("| variant | tok/s | seconds | prefill s | steps s | compact s | decode steps | row-steps | idle | "
+          "idle while waiting | inserts | compactions | batches | generated | same tokens | max d logp |")
+    print("|" + "---|" * 16)
     for v in args.variants:
         m = med[v]
-        print(f"{v:14s} {m['tokens_per_s']:7.1f} {m['seconds']:8.1f} {m['prefill']:8.1f} {m['decode_steps']:8.1f} "
-              f"{m['row_steps']:9.0f} {m['batches']:7.0f} {100 * m['padding']:6.1f} {str(same[v]):>11s} "
-              f"{logprob_diff[v]:10.1e}")
+        print(f"| {v} | {m['tokens_per_s']:.1f} | {m['seconds']:.1f} | {m['prefill']:.1f} | {m['decode_steps']:.1f} | "
+              f"{m['compact_s']:.2f} | {m['steps']:.0f} | {m['row_steps']:.0f} | {m['idle_row_steps']:.0f} | "
+              f"{m['idle_row_steps_waiting']:.0f} | {m['inserts']:.0f} | {m['compactions']:.0f} | {m['batches']:.0f} | "
+              f"{m['generated']:.0f} | {same[v]} | {logprob_diff[v]:.1e} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpu": cpu, "threads": args.threads,
+    args.json.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "stop": args.stop, "first": args.first,
                                      "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
                                      "runs": runs, "median": med, "same_tokens": same,
                                      "max_sum_logprob_diff": logprob_diff}, indent=2) + "\n")
