@@ -138,7 +138,7 @@ class _Rows:
         """n cache rows for newcomers: rows no live sequence uses, then new rows past the batch."""
         free = [r for r in range(self.rows) if r not in used][:n]
         free += list(range(self.rows, self.rows + n - len(free)))
-        assert free[-1] < self.plan.max_rows if free else True, (
+        assert not free or free[-1] < self.plan.max_rows, (
             f"newcomers need row {free[-1]}, the model holds {self.plan.max_rows}")
         return np.asarray(free, np.int64)
 

@@ -11,17 +11,16 @@ predictor, the dynamic-graph `DecoderForCausalLM` or a numpy toy model in the te
 - `select(rows)`: the cache keeps row `rows[i]` as its new row i. Rows may repeat (beams that
   share a parent, samples of one prompt) and may be left out (finished rows, done prompts).
 
-Finished rows stop costing compute by being dropped: `select` keeps only the rows that
-continue. Chosen over refilling a finished row's slot with the next prompt because pre-padding
-puts every row's next token in the same column: a newcomer would need its own prefill and a
-cache whose rows start at different columns, so masks and positions per row, and a model
-interface beyond three calls. Dropping needs nothing from the model but a row gather of its
-cache, which beam search needs every step anyway. The gather copies every layer's live columns
-(SmolLM2, batch 32, 150 columns: about 220 MB), so it is done lazily (`_Batch`): finished rows
-stay in place, fed padding and ignored, until a quarter of the batch has finished, and then one
-gather drops them all. A batch runs for as long as its longest row, with fewer rows as rows
-finish. `DecodingSettings.drop_finished=False` never drops a row (finished rows fed padding to
-the end), to measure the difference and to test that dropping changes no result.
+This module runs static batches: a batch runs until its longest row ends. Finished rows stop
+costing compute by being dropped: `select` keeps only the rows that continue. The gather copies
+every layer's live columns (SmolLM2, batch 32, 150 columns: about 220 MB), so it is done lazily
+(`_Batch`): finished rows stay in place, fed padding and ignored, until a quarter of the batch has
+finished, and then one gather drops them all. `DecodingSettings.drop_finished=False` never drops
+a row (finished rows fed padding to the end), to measure the difference and to test that
+dropping changes no result. Refilling a finished row's slot with the next prompt instead
+(continuous batching, which needs a model that can prefill into a running batch: `insert`,
+`compact`) is `engine/continuous.py`; it shares this module's per-step arithmetic
+(`_beam_step` for beams; the same logits functions for rows), so both give the same results.
 
 Strategies, as Hugging Face's `generate` defines them:
 - greedy: argmax of the logits;
