@@ -81,8 +81,10 @@ from pipeline.engine.decoder_io import (  # noqa: E402
 
 FEEDS = ("shared", "copy")
 # The fixed cost of one prefill call in prompt tokens of work (dispatching ~1000 ops); what a
-# group of shorter prompts must save in padding to get a call of its own.
-PREFILL_CALL_TOKENS = 128
+# group of shorter prompts must save in padding to get a call of its own. Measured
+# (scripts/bench_batch_curve.py, SmolLM2, 2 threads): 136 ms per call + 2.05 ms per prompt
+# token, so a call costs about 66 tokens of work (README "Prefill and decode batch sizes").
+PREFILL_CALL_TOKENS = 64
 
 
 class DecoderCacheFull(RuntimeError):
