@@ -138,7 +138,7 @@ def reference_greedy(prompt, max_new, eos=EOS):
 
 PROMPTS = [[3, 5, 7], [2], [9, 9, 4, 8, 6, 11], [12, 3], [5, 5, 5, 5], [14], [7, 10, 2, 13, 4], [6, 6]]
 MAX_PROMPT = 8
-MODEL = SimpleNamespace(path=None, num_hidden_layers=1, num_key_value_heads=1, head_dim=1, max_seq_len=64)
+MODEL = SimpleNamespace(path=None, num_hidden_layers=1, num_key_value_heads=1, head_dim=1, max_seq_len=64, meta={})
 BYTES_PER_TOKEN = 1 * 2 * 1 * 1 * 4
 
 
