@@ -40,6 +40,7 @@ from pipeline.paths import NO_DEFAULT_INPUT
 DESCRIPTION = ("Batch inference for ERNIE-family models on Paddle Inference: score and rank query-document "
                "pairs (run, rerank), generate text (generate), and prepare models (convert, prune-vocab, quantize).")
 from pipeline.engine.modeldir import ModelDirError, ModelInfo, load_model_info
+from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.io.formats import TSV_QUOTING
 from pipeline.io.reader import ColumnMap, InputError
 
@@ -307,8 +308,18 @@ def _prune_parser(sub) -> None:
                    help="also keep the first N ids of vocab.txt, for data that comes later (WordPiece vocabs "
                         "are roughly ordered by frequency; vocab.txt holds no counts)")
     p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-pruned)")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    _add_column_flags(p)
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out; generation models: also write a model that fails the gate (marked failing)")
+    d = p.add_argument_group("generation models (model.json task generate; README \"Vocabulary pruning (generation)\")")
+    d.add_argument("--outputs-sample", type=int, default=64,
+                   help="also keep the tokens the unpruned model generates greedily for this many learning rows")
+    d.add_argument("--max-new-tokens", type=int, default=GenerationOptions().max_new_tokens,
+                   help="the gate's (and the sample's) greedy decoding length, as `generate --max-new-tokens`")
+    d.add_argument("--chat", action="store_true", help="plain prompts are chat turns, as `generate --chat`")
+    d.add_argument("--max-loss-rate", type=float, default=0.01,
+                   help="the gate: ROUGE-L and BLEU on the held-out rows may lose at most this share")
+    d.add_argument("--threads", type=int, default=None, help="predictor threads (default: core count)")
+    _add_column_flags(p, SCORING_COLUMNS + GENERATION_COLUMNS)
 
 
 def _quantize_parser(sub) -> None:
@@ -468,6 +479,12 @@ def _generate(args) -> int:
     with cancel_on_signals() as cancel:
         report = run(cfg, info, cancel)
     print(format_summary(report, cfg.out_dir))
+    unknown = report["tokens"].get("unknown_tokens", 0)
+    if unknown:
+        print(f"warning: {unknown} prompt tokens are outside the pruned vocabulary of {info.path}; each was spelled "
+              f"with the kept tokens of its characters (same text, another segmentation), so these outputs can "
+              f"differ from the full model's; prune again on this data (or with --keep-top) to avoid it",
+              file=sys.stderr)
     return 0
 
 
@@ -501,6 +518,8 @@ def _prune(args) -> int:
     from pipeline.convert.prune import prune_vocab
 
     columns = _columns(args)
+    if isinstance(load_model_info(args.model_dir), DecoderModelInfo):
+        return _prune_decoder(args, columns)
     dst = prune_vocab(args.model_dir, args.data, args.out, keep_top=args.keep_top, force=args.force,
                       columns=columns, name=args.name)
     info = load_model_info(dst)
@@ -509,6 +528,28 @@ def _prune(args) -> int:
     print(f"pruned {args.model_dir} -> {dst}: kept {p.ids_kept} of {p.source_vocab_size} ids "
           f"({p.data_rows} rows of {len(p.data)} file(s)); parameters {before / 1e6:.1f} MB -> "
           f"{after / 1e6:.1f} MB; run it with --model {dst}")
+    return 0
+
+
+def _prune_decoder(args, columns: ColumnMap) -> int:
+    from pipeline.convert.decoder_prune import PruneGateFailed, prune_decoder_vocab
+    from pipeline.convert.generation_gate import format_generation_gate
+
+    try:
+        res = prune_decoder_vocab(args.model_dir, args.data, args.out, outputs_sample=args.outputs_sample,
+                                  keep_top=args.keep_top, force=args.force, columns=columns, name=args.name,
+                                  max_loss_rate=args.max_loss_rate, max_new_tokens=args.max_new_tokens,
+                                  chat=args.chat, threads=args.threads)
+    except PruneGateFailed as e:
+        print(format_generation_gate(e.gate.result, "pruned"))
+        raise
+    print(format_generation_gate(res.gate.result, "pruned"))
+    before = (args.model_dir / "decoder.pdiparams").stat().st_size
+    after = (res.path / "decoder.pdiparams").stat().st_size
+    print(f"pruned {args.model_dir} -> {res.path}: kept {res.ids_kept} of {res.source_vocab_size} ids (learned from "
+          f"{res.learn_rows} rows, gated on {res.held_out_rows} held-out rows); parameters {before / 1e6:.1f} MB -> "
+          f"{after / 1e6:.1f} MB" + ("" if res.gate.result.passed else "; FAILS the gate (written because of --force)")
+          + f"; run it with generate --model {res.path}")
     return 0
 
 

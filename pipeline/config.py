@@ -249,7 +249,8 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
         max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, num_return_sequences=g.num_return_sequences,
         length_penalty=g.length_penalty, early_stopping=g.early_stopping, do_sample=g.do_sample,
         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
-        eos_token_ids=info.special.eos_token_ids, pad_token_id=info.special.pad_token_id,
+        # the model's rows: a vocabulary-pruned model compares generated rows, not full ids
+        eos_token_ids=info.model_special_tokens().eos_token_ids, pad_token_id=info.model_special_tokens().pad_token_id,
         stop_strings=tuple(g.stop_strings), drop_finished=g.drop_finished)
     if cfg.max_batch_size < decoding.rows_per_prompt:
         raise ConfigError(f"--max-batch-size {cfg.max_batch_size} is below the {decoding.rows_per_prompt} rows one "

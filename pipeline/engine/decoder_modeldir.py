@@ -21,6 +21,11 @@ model.json (`format_version` 1 of this layout):
      "validation": {"prompt_lengths": [..], "decode_steps": N, "max_abs_logit_diff": .., "limit": ..},
      "gates": {NAME: {"passed": .., "forced": .., "base": {..}, "candidate": {..}, "loss_rate": {..}, ..}}}
 
+`pruning` (vocabulary-pruned models, `prune-vocab`): {"source_path", "source_params_sha256",
+"source_vocab_size", "ids_kept", "map_file": "vocab_map.npy", "map_sha256", ...}; the map is
+verified against its checksum and the sizes here (`engine/vocab_map.py`), and
+`special_tokens` stay full-vocabulary ids (`model_special_tokens()` gives the rows).
+
 `gates` (optional) holds the generation quality gates of this directory against the fp32
 unpruned model (`convert/generation_gate.py`), by name ("pruning", or a runtime precision).
 
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.engine.decoder_io import DECODE_PROGRAM, PARAMS_FILE, PREFILL_PROGRAM
+from pipeline.engine.vocab_map import VocabMap, read_vocab_map
 
 GENERATE_TASK = "generate"
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,10 +78,32 @@ class DecoderModelInfo:
     # model.json "gates": name (a precision, or "pruning") -> the generation gate's record against
     # the fp32 unpruned model (`convert/generation_gate.py`: "passed", "forced", the metrics).
     gates: dict = field(default_factory=dict, compare=False)
+    # Vocabulary-pruned models (`prune-vocab`): model.json "pruning" and the checked map of the
+    # kept rows (model row -> full id); None for a full model.
+    vocab_map: VocabMap | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.vocab_map is not None
+
+    def model_special_tokens(self) -> SpecialTokens:
+        """The special tokens as the model's rows (what the decoding loop compares generated
+        rows with): the same ids for a full model, mapped through the vocab map for a pruned one
+        (which always keeps them)."""
+        if self.vocab_map is None:
+            return self.special
+        row = lambda i: None if i is None else int(self.vocab_map.rows([i])[0])  # noqa: E731
+        sp = self.special
+        mapped = SpecialTokens(tuple(row(i) for i in sp.eos_token_ids), row(sp.pad_token_id), row(sp.bos_token_id),
+                               row(sp.unk_token_id))
+        assert -1 not in (*mapped.eos_token_ids, mapped.pad_token_id), (
+            f"{self.path}: the pruned vocabulary lacks an EOS or pad token ({sp})")
+        return mapped
 
     # Shapes the engine and the memory budget need, without importing the model module.
     @property
     def vocab_size(self) -> int:
+        """Rows of the model's embedding and head (the kept rows of a pruned model)."""
         return int(self.architecture["vocab_size"])
 
     @property
@@ -136,7 +164,17 @@ def parse_decoder_meta(path: Path, meta: dict) -> DecoderModelInfo:
         precision=str(meta.get("precision", "fp32")), source_sha256=str(meta["source"]["sha256"]),
         checksum=str(meta.get("params_sha256", "")), program_revision=int(meta.get("program_revision", 1)),
         meta=meta, gates={str(k): dict(v) for k, v in (meta.get("gates") or {}).items()},
+        vocab_map=_vocab_map(path, meta),
     )
+
+
+def _vocab_map(path: Path, meta: dict) -> VocabMap | None:
+    """The checked vocab map of a pruned model (model.json "pruning"), None for a full one."""
+    pruning = meta.get("pruning")
+    if not pruning:
+        return None
+    return read_vocab_map(path / pruning["map_file"], pruning["map_sha256"], int(pruning["source_vocab_size"]),
+                          int(meta["architecture"]["vocab_size"]))
 
 
 def required_files(info: DecoderModelInfo) -> tuple[Path, ...]:

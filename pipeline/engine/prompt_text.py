@@ -11,16 +11,25 @@ tokens, the prompt limit and what to do past it); every tokenizer worker process
   BOS id is put first when the model asks for one (`add_bos_token`) and the text lacks it.
 - A prompt longer than `max_prompt_tokens`: `overflow='truncate'` keeps its last tokens (the end
   of a prompt is what the model continues from), `'reject'` rejects the row; either way counted.
+- A vocabulary-pruned model (`vocab_map`): the ids become the model's rows. A prompt token that
+  is not kept is spelled with the kept single-character tokens of its text instead (byte-level
+  BPE: every token is a string of the 256 byte symbols, which pruning always keeps), so the
+  prompt's text is unchanged but its segmentation is not; each such token is counted
+  (`unknown_tokens`, report.json `tokens.unknown_tokens`). A token that cannot be spelled so
+  (another tokenizer family) rejects the row. Generated rows are mapped back by the caller.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+
+import numpy as np
 
 from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.engine.text import TokenizeRequest
+from pipeline.engine.vocab_map import VocabMap
 
 OVERFLOW = ("truncate", "reject")
 PROMPT_KINDS = ("prompts", "messages")  # TokenizeRequest kinds this encoder tokenizes
@@ -37,6 +46,7 @@ class PromptEncoderSpec:
     add_bos_token: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None  # the template's `eos_token` (templates that close assistant turns use it)
+    vocab_map: VocabMap | None = field(default=None, compare=False)  # pruned models: full ids -> model rows
 
     def __post_init__(self) -> None:
         assert self.overflow in OVERFLOW, f"overflow must be one of {OVERFLOW}, got {self.overflow!r}"
@@ -46,7 +56,8 @@ class PromptEncoderSpec:
     def of(cls, model: DecoderModelInfo, max_prompt_tokens: int, overflow: str = "truncate",
            chat: bool = False) -> "PromptEncoderSpec":
         return cls(str(model.tokenizer_file), model.chat_template, max_prompt_tokens, overflow, chat,
-                   model.add_bos_token, model.special.bos_token_id, model.special.eos_token_ids[0])
+                   model.add_bos_token, model.special.bos_token_id, model.special.eos_token_ids[0],
+                   getattr(model, "vocab_map", None))
 
     def build(self) -> "PromptEncoder":
         return PromptEncoder(self)
@@ -58,7 +69,7 @@ class PromptTokens:
     failed: dict[int, str]  # item index -> reason
     seconds: float
     truncated_items: frozenset[int] = frozenset()  # items cut to max_prompt_tokens (overflow='truncate')
-    unknown_tokens: int = 0  # always 0 here (the job's tally reads it for every task)
+    unknown_tokens: int = 0  # pruned models: prompt tokens outside the kept set, spelled out (see the module doc)
 
     @property
     def truncated(self) -> int:
@@ -126,6 +137,7 @@ class PromptEncoder:
                                time.perf_counter() - t0)
         assert req.kind in PROMPT_KINDS, f"kind must be one of {PROMPT_KINDS} or {DETOKENIZE!r}, got {req.kind!r}"
         limit, out, failed, truncated = self.spec.max_prompt_tokens, [], {}, set()
+        unknown = 0
         for i, item in enumerate(req.a):
             try:
                 if req.kind == "messages":
@@ -135,6 +147,9 @@ class PromptEncoder:
                 else:
                     text = item
                 ids = self._ids(text)
+                if self.spec.vocab_map is not None:
+                    ids, n_unknown = self._to_rows(ids)
+                    unknown += n_unknown
             except Exception as e:  # noqa: BLE001 - a template or tokenizer failure rejects the row
                 failed[i] = f"prompt error: {type(e).__name__}: {e}"
                 continue
@@ -149,7 +164,29 @@ class PromptEncoder:
                 ids = ids[-limit:]
                 truncated.add(i)
             out.append(ids)
-        return PromptTokens(out, failed, time.perf_counter() - t0, frozenset(truncated))
+        return PromptTokens(out, failed, time.perf_counter() - t0, frozenset(truncated), unknown)
+
+    def _to_rows(self, ids: list[int]) -> tuple[list[int], int]:
+        """Full ids -> the pruned model's rows, and how many tokens were not kept (each spelled
+        with the kept tokens of its characters); ValueError for one that cannot be spelled."""
+        vm = self.spec.vocab_map
+        rows = vm.rows(ids)
+        if (rows >= 0).all():
+            return rows.tolist(), 0
+        out, unknown = [], 0
+        for i, r in zip(ids, rows.tolist()):
+            if r >= 0:
+                out.append(r)
+                continue
+            token = self.tokenizer.id_to_token(int(i)) or ""
+            chars = [self.tokenizer.token_to_id(ch) for ch in token]
+            spelled = vm.rows([-1 if c is None else c for c in chars]) if chars else np.array([-1])
+            if (spelled < 0).any():
+                raise ValueError(f"token {i} ({token!r}) is outside the pruned vocabulary and its characters are "
+                                 f"not all kept tokens; prune again with this data")
+            out += spelled.tolist()
+            unknown += 1
+        return out, unknown
 
     def decode(self, ids) -> str:
         """Generated ids -> text, special tokens (EOS, chat markers) left out."""

@@ -158,6 +158,8 @@ def _generation_report(model, settings_dict: dict, files: list[Path], rows_read:
             "prefill_computed": int(c("prefill_tokens")),  # what the grouped prefill calls computed
             "prefill_overhead": (c("prefill_tokens") / tally.tokens - 1.0) if tally.tokens else 0.0,
             "prompts_truncated": tally.truncated_pretokenized,
+            # pruned models: prompt tokens outside the kept vocabulary, spelled out (engine/prompt_text.py)
+            "unknown_tokens": tally.unknown_tokens,
             "generated": generated,
             "generated_best": int(c("generated_tokens_best")),
             "candidates": int(c("candidates")),
@@ -201,7 +203,8 @@ def _format_generation_summary(report: dict, out_dir: Path) -> str:
         f"rows       read {r['read']}  generated {r['generated']}  rejected {r['rejected']}",
         f"prompts    {t['prompt']} tokens in {t['batches']} batches, {t['prompt_padded']} with left padding "
         f"(+{100 * t['padding_overhead']:.1f}%), prefill computed {t['prefill_computed']} "
-        f"(+{100 * t['prefill_overhead']:.1f}%), {t['prompts_truncated']} truncated",
+        f"(+{100 * t['prefill_overhead']:.1f}%), {t['prompts_truncated']} truncated"
+        + (f", {t['unknown_tokens']} outside the pruned vocabulary (spelled out)" if t.get("unknown_tokens") else ""),
         f"generated  {t['generated']} tokens in {t['candidates']} candidates, {t['decode_steps']} decode steps",
         "seconds    " + "  ".join(f"{k} {v:.2f}" for k, v in s.items()),
         f"speed      {report['generated_tokens_per_second']:.1f} generated tokens/s, "

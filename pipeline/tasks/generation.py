@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class GenerationRuntime:
 
             backend = fused_backend(model.path)
         self.generator = Generator(model, settings.generator, backend)
+        self.vocab_map = getattr(model, "vocab_map", None)  # a pruned model's rows -> full ids
         self.reranker = None
         try:
             if g.rerank_model is not None:
@@ -110,8 +112,20 @@ class GenerationRuntime:
             self.generator.close()
             raise
 
+    def full_ids(self, rows) -> tuple[int, ...]:
+        """Generated model rows -> full-vocabulary ids (the same for an unpruned model)."""
+        if self.vocab_map is None:
+            return tuple(rows)
+        return tuple(self.vocab_map.full(list(rows)).tolist())
+
+    def full_candidates(self, cands: list[list[Candidate]]) -> list[list[Candidate]]:
+        if self.vocab_map is None:
+            return cands
+        return [[replace(c, token_ids=self.full_ids(c.token_ids)) for c in cs] for cs in cands]
+
     def decode(self, ids) -> str:
-        return self.prompts.decode(ids)
+        """Generated model rows -> text (what stop strings are looked for in)."""
+        return self.prompts.decode(self.full_ids(ids))
 
     def detokenize(self, id_lists: list) -> Future:
         """A Future of the texts (`Detokenized`) of `id_lists`, from the pool's worker processes
@@ -187,11 +201,12 @@ class Generation:
 
         def detokenize(rows, out):
             pending_texts.append((rows, [len(cs) for cs in out],
-                                  engine.detokenize([c.token_ids for cs in out for c in cs])))
+                                  engine.detokenize([engine.full_ids(c.token_ids) for cs in out for c in cs])))
 
         cands, stats = engine.generator.generate(prompts, keys, decode, cancel,
                                                  on_batch=lambda rows, tokens: on_batch(tokens),
                                                  on_candidates=detokenize)
+        cands = engine.full_candidates(cands)  # outputs hold full-vocabulary ids, pruned model or not
         texts: list = [None] * len(cands)
         detok_s = 0.0
         for rows, counts, future in pending_texts:
