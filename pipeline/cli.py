@@ -28,6 +28,7 @@ from pipeline.config import (
     DEFAULT_INPUT,
     DEFAULT_MODEL_NAME,
     DEFAULT_OUT,
+    GENERATION_PRECISIONS,
     PRECISIONS,
     ConfigError,
     GenerationOptions,
@@ -256,8 +257,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                    help="gpu: fp16 on Paddle's fused_multi_transformer; needs requirements-gpu.txt and a model "
                         "converted with --target gpu (written to Paddle's API, not run on this project's machines)")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
-                   help="cpu: fp32; gpu: fp16 (auto picks that)")
+    p.add_argument("--precision", choices=list(GENERATION_PRECISIONS) + ["fp16"], default="auto",
+                   help="cpu: auto = the fastest precision the model passed the gate for and this CPU runs (int8 "
+                        "for an int8 directory from `quantize`; bf16 where its gate passed and the CPU has bf16 "
+                        "kernels; else fp32); gpu: fp16 (auto picks that)")
     p.add_argument("--chunk-rows", type=int, default=64, help="rows read and tokenized per task")
     p.add_argument("--window-rows", type=int, default=256,
                    help="rows sorted by length together and committed at once (a resumed run restarts a window)")

@@ -138,6 +138,7 @@ class RunConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+GENERATION_PRECISIONS = ("auto", "fp32", "bf16", "int8")  # on the CPU (fp16: the GPU path, engine/decoder_gpu.py)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ class Settings:
         assert g is not None, "not a generation run"
         return GeneratorSettings(decoding=g.decoding, max_cache_bytes=g.max_cache_bytes, max_batch_rows=g.max_batch_rows,
                                  max_prompt_tokens=g.max_prompt_tokens, threads=self.threads, streams=self.streams,
-                                 batching=g.batching, admit_min=g.admit_min)
+                                 batching=g.batching, admit_min=g.admit_min,
+                                 precision=self.precision)
 
     @property
     def threads_per_stream(self) -> int:
@@ -224,6 +226,10 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
                                               is_fused_model(info), info.path, streams=cfg.streams)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if device == "cpu":  # auto / fp32 / bf16 / int8: the model's gates and this CPU decide
+        precision, precision_reason = choose_precision(precision, "cpu", info, cfg.cpu or CpuFeatures.detect())
+    else:
+        precision_reason = "fp16 on the GPU (the fused decoder export)"
     g = cfg.generation
     if g.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {g.max_new_tokens}")
@@ -264,7 +270,7 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
         mode=mode, max_seq_len=g.max_prompt_tokens + g.max_new_tokens, max_batch_tokens=0,
         max_batch_size=cfg.max_batch_size, pad_multiple=1, device=device, precision=precision, tensorrt=False,
         trt_varlen=False, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
-        window_rows=max(cfg.window_rows, cfg.chunk_rows),
+        window_rows=max(cfg.window_rows, cfg.chunk_rows), precision_reason=precision_reason,
         progress=progress, run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting,
         generation=GenerationSettings(decoding=decoding, max_prompt_tokens=g.max_prompt_tokens,
                                       prompt_overflow=g.prompt_overflow, chat=g.chat, max_cache_bytes=max_cache_bytes,
@@ -328,8 +334,9 @@ def _check_device(cfg: RunConfig) -> None:
                           "ERNIE plugins exist only in half precision or int8)")
 
 
-def choose_precision(requested: str, device: str, info: ModelInfo, cpu: CpuFeatures) -> tuple[str, str]:
-    """(precision, why) for a scoring run: what `--precision` asked for, checked against the
+def choose_precision(requested: str, device: str, info: ModelInfo | DecoderModelInfo,
+                     cpu: CpuFeatures) -> tuple[str, str]:
+    """(precision, why) for a scoring or generation run: what `--precision` asked for, checked against the
     model directory (an int8 model runs int8 only; bf16 and int8 on an fp32 model) and the CPU
     (no bf16 without AVX512_BF16 or AMX: Paddle would silently run fp32 there). `auto` takes the
     fastest precision the model has passed the gate for and the CPU runs: int8 for an int8 model,

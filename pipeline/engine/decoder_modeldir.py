@@ -54,6 +54,15 @@ class SpecialTokens:
 
 
 @dataclass(frozen=True)
+class DecoderQuantization:
+    """model.json "quantization" of an int8 decoder directory (`quantize` on a decoder)."""
+
+    onednn_int8_ops: tuple[str, ...]  # the op types Paddle runs int8 (`enable_mkldnn_int8`)
+    gate_passed: bool | None  # None until the gate ran
+    record: dict = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class DecoderModelInfo:
     path: Path
     name: str
@@ -72,6 +81,8 @@ class DecoderModelInfo:
     # model.json "gates": name (a precision, or "pruning") -> the generation gate's record against
     # the fp32 unpruned model (`convert/generation_gate.py`: "passed", "forced", the metrics).
     gates: dict = field(default_factory=dict, compare=False)
+    # model.json "quantization": the int8 record of a quantised copy (`quantize` on a decoder).
+    quantization: DecoderQuantization | None = None
 
     # Shapes the engine and the memory budget need, without importing the model module.
     @property
@@ -136,7 +147,14 @@ def parse_decoder_meta(path: Path, meta: dict) -> DecoderModelInfo:
         precision=str(meta.get("precision", "fp32")), source_sha256=str(meta["source"]["sha256"]),
         checksum=str(meta.get("params_sha256", "")), program_revision=int(meta.get("program_revision", 1)),
         meta=meta, gates={str(k): dict(v) for k, v in (meta.get("gates") or {}).items()},
+        quantization=_quantization(meta["quantization"]) if "quantization" in meta else None,
     )
+
+
+def _quantization(q: dict) -> DecoderQuantization:
+    gate = q.get("gate")
+    return DecoderQuantization(onednn_int8_ops=tuple(q.get("onednn_int8_ops", ["fc"])),
+                               gate_passed=None if gate is None else bool(gate["passed"]), record=q)
 
 
 def required_files(info: DecoderModelInfo) -> tuple[Path, ...]:

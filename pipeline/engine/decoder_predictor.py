@@ -70,9 +70,14 @@ from pipeline.engine.paddle_env import import_inference
 paddle_infer = import_inference()
 from paddle.base import core  # noqa: E402 - after paddle_env has imported paddle
 
+from pipeline.engine.decoder_precision import (  # noqa: E402
+    DEFAULT_INT8_OPS,
+    apply_precision,
+    decode_ir_optim_default,
+    params_file,
+)
 from pipeline.engine.decoder_io import (  # noqa: E402
     DECODE_PROGRAM,
-    PARAMS_FILE,
     PREFILL_PROGRAM,
     decode_io,
     prefill_io,
@@ -92,7 +97,7 @@ class DecoderCacheFull(RuntimeError):
 
 
 def _config(program: Path, params: Path, threads: int, onednn: bool, ir_optim: bool,
-            onednn_cache_capacity: int) -> paddle_infer.Config:
+            onednn_cache_capacity: int, precision: str = "fp32", int8_ops: tuple[str, ...] = ()) -> paddle_infer.Config:
     config = paddle_infer.Config(str(program), str(params))
     config.switch_ir_optim(ir_optim)
     config.disable_gpu()
@@ -101,6 +106,7 @@ def _config(program: Path, params: Path, threads: int, onednn: bool, ir_optim: b
     if onednn:
         config.enable_mkldnn()
         config.set_mkldnn_cache_capacity(onednn_cache_capacity)
+        apply_precision(config, precision, int8_ops or DEFAULT_INT8_OPS)
     config.switch_use_feed_fetch_ops(False)
     config.switch_specify_input_names(True)
     config.disable_glog_info()
@@ -126,18 +132,26 @@ class DecoderPredictor:
     """
 
     def __init__(self, model_dir: Path | str, max_batch: int, max_len: int, *, threads: int = 1,
-                 onednn: bool = True, ir_optim: bool = True, decode_ir_optim: bool = False,
+                 onednn: bool = True, ir_optim: bool = True, decode_ir_optim: bool | None = None,
                  feed: str = "shared", block: int = 32,
                  onednn_cache_capacity: int = 64, group_prefill: bool = True,
-                 prefill_call_tokens: int = PREFILL_CALL_TOKENS):
+                 prefill_call_tokens: int = PREFILL_CALL_TOKENS, precision: str = "fp32",
+                 int8_ops: tuple[str, ...] = ()):
         assert max_batch >= 1 and max_len >= 1 and block >= 1, (max_batch, max_len, block)
         assert feed in FEEDS, f"feed must be one of {FEEDS}, got {feed!r}"
+        assert precision == "fp32" or onednn, f"{precision} runs on oneDNN's kernels only"
         d = Path(model_dir)
-        params = d / PARAMS_FILE
+        self.precision = precision
+        # bf16 and int8 are made by IR passes, so the decode program needs them there
+        # (engine/decoder_precision.py: what each precision runs, and its measured speed).
+        if decode_ir_optim is None:
+            decode_ir_optim = decode_ir_optim_default(precision)
         self._prefill = paddle_infer.create_predictor(
-            _config(d / PREFILL_PROGRAM, params, threads, onednn, ir_optim, onednn_cache_capacity))
+            _config(d / PREFILL_PROGRAM, params_file(d, PREFILL_PROGRAM), threads, onednn, ir_optim,
+                    onednn_cache_capacity, precision, int8_ops))
         self._decode = paddle_infer.create_predictor(
-            _config(d / DECODE_PROGRAM, params, threads, onednn, decode_ir_optim, onednn_cache_capacity))
+            _config(d / DECODE_PROGRAM, params_file(d, DECODE_PROGRAM), threads, onednn, decode_ir_optim,
+                    onednn_cache_capacity, precision, int8_ops))
 
         names = list(self._decode.get_input_names())
         self.num_layers = (len(names) - 3) // 2
