@@ -364,7 +364,8 @@ def choose_precision(requested: str, device: str, info: ModelInfo | DecoderModel
             raise ConfigError(f"--precision bf16 needs bf16 kernels (AVX512_BF16 or AMX), which {where} lacks: "
                               f"Paddle would silently run fp32; use --precision fp32 (or auto)")
         if gate and not bf16_gate and not gate.get("forced"):
-            loss = ", ".join(f"{m} {100 * r:.2f}%" for m, r in gate.get("loss_rate", {}).items() if r is not None)
+            loss = ", ".join(f"{m} {100 * r:.2f}%" if isinstance(r, (int, float)) else f"{m} {r}"
+                             for m, r in gate.get("loss_rate", {}).items() if r is not None)
             raise ConfigError(f"{info.path} FAILED its bf16 gate ({loss} lost, limit "
                               f"{100 * gate.get('max_loss_rate', 0):.2f}%): bf16 is refused; use fp32, or accept "
                               f"the loss with `python -m pipeline gate {info.path} --precision bf16 --data FILES --force`")

@@ -1,0 +1,140 @@
+"""Reduced precision for the decoder (generation): what `generate --precision` picks for every CPU
+kind and gate state, the refusals, the ops Paddle runs bf16 / int8 in the decoder programs
+(tiny random decoder), and a failing gate that refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, GenerationOptions, RunConfig, choose_precision, resolve
+from pipeline.engine.cpu import CpuFeatures
+from pipeline.engine.modeldir import load_model_info
+from tests.engine.test_precision import CPUS, FAILED, FORCED, HAS_BF16, PASSED
+
+GEN_PASSED = {**PASSED, "kind": "generation", "loss_rate": {"rouge_l": 0.001, "bleu": 0.004}}
+GEN_FAILED = {**FAILED, "kind": "generation", "loss_rate": {"rouge_l": 0.03, "bleu": "inf"}}
+
+
+def _gated(info, record):
+    return dataclasses.replace(info, gates={} if record is None else {"bf16": record})
+
+
+@pytest.mark.parametrize("cpu", sorted(CPUS))
+@pytest.mark.parametrize("gate", ["none", "passed", "failed", "forced"])
+def test_decoder_precision_for_every_cpu_and_gate(tiny_decoder_dir, cpu, gate):
+    info = _gated(load_model_info(tiny_decoder_dir),
+                  {"none": None, "passed": GEN_PASSED, "failed": GEN_FAILED, "forced": {**GEN_FAILED, "forced": True}}[gate])
+    c = CPUS[cpu]
+    precision, why = choose_precision("auto", "cpu", info, c)
+    assert precision == ("bf16" if c.bf16 and gate == "passed" else "fp32"), why
+    if not c.bf16:
+        with pytest.raises(ConfigError, match="needs bf16 kernels .* silently run fp32"):
+            choose_precision("bf16", "cpu", info, c)
+    elif gate == "failed":
+        with pytest.raises(ConfigError, match="FAILED its bf16 gate .*rouge_l 3.00%.* --force"):
+            choose_precision("bf16", "cpu", info, c)
+    else:
+        assert choose_precision("bf16", "cpu", info, c)[0] == "bf16"
+    with pytest.raises(ConfigError, match="int8 needs a quantised copy"):
+        choose_precision("int8", "cpu", info, c)
+
+
+def _int8_copy(src, dst, gate_passed=True):
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "model.json").read_text())
+    meta["precision"] = "int8"
+    meta["quantization"] = {"onednn_int8_ops": ["fc"], "gate": {"passed": gate_passed}}
+    (dst / "model.json").write_text(json.dumps(meta))
+    return load_model_info(dst)
+
+
+def test_int8_decoder_directory_runs_int8_only(tiny_decoder_dir, tmp_path):
+    info = _int8_copy(tiny_decoder_dir, tmp_path / "int8")
+    assert choose_precision("auto", "cpu", info, CPUS["amx"]) == ("int8", "auto: an int8 model")
+    assert "no VNNI" in choose_precision("int8", "cpu", info, CPUS["zen3"])[1]
+    with pytest.raises(ConfigError, match="runs int8 only"):
+        choose_precision("bf16", "cpu", info, CPUS["amx"])
+
+
+def _cfg(model, precision, cpu):
+    return RunConfig(inputs=(), model=model, mode="generate", precision=precision, cpu=cpu, workers=0, threads=1,
+                     generation=GenerationOptions(max_new_tokens=4))
+
+
+def test_resolve_records_the_generation_precision_and_why(tiny_decoder_dir):
+    info = _gated(load_model_info(tiny_decoder_dir), GEN_PASSED)
+    s = resolve(_cfg(tiny_decoder_dir, "auto", CPUS["zen4"]), info)
+    assert (s.precision, s.generator.precision) == ("bf16", "bf16") and "passed the gate" in s.precision_reason
+    s = resolve(_cfg(tiny_decoder_dir, "auto", CPUS["zen4-as-avx2"]), info)
+    assert s.precision == "fp32" and "no bf16 kernels" in s.precision_reason
+    with pytest.raises(ConfigError, match="needs bf16 kernels"):  # the same refusal scoring gives
+        resolve(_cfg(tiny_decoder_dir, "bf16", CPUS["zen3"]), info)
+    with pytest.raises(ConfigError, match="generation --precision takes auto, fp32, bf16, int8"):
+        resolve(_cfg(tiny_decoder_dir, "fp16", CPUS["zen4"]), info)
+
+
+def test_a_recorded_failing_gate_refuses_bf16_generation(tiny_decoder_dir, tmp_path):
+    """The record `gate` writes into model.json (here: a failing one) is what `generate` reads."""
+    from pipeline.convert.precision_gate import _record_gate
+
+    d = tmp_path / "failed"
+    shutil.copytree(tiny_decoder_dir, d)
+    _record_gate(d, "bf16", GEN_FAILED)
+    info = load_model_info(d)
+    with pytest.raises(ConfigError, match="FAILED its bf16 gate"):
+        resolve(_cfg(d, "bf16", CPUS["zen4"]), info)
+    assert resolve(_cfg(d, "auto", CPUS["zen4"]), info).precision == "fp32"
+
+
+# ----------------------------------------------------------------------------- Paddle's programs
+
+
+def _ops(model_dir, program, precision, ir_optim=True):
+    from pipeline.engine.decoder_precision import optimized_ops, params_file
+
+    return optimized_ops(model_dir / program, params_file(model_dir, program), precision, ir_optim=ir_optim)
+
+
+def test_fp32_decode_program_runs_without_passes_and_bf16_with_them():
+    from pipeline.engine.decoder_precision import decode_ir_optim_default
+
+    assert (decode_ir_optim_default("fp32"), decode_ir_optim_default("bf16"), decode_ir_optim_default("int8")) == (
+        False, True, True)
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 kernels (AVX512_BF16 or AMX)")
+def test_bf16_decoder_programs_run_their_linears_in_bf16(tiny_decoder_dir):
+    for program in ("prefill.pdmodel", "decode.pdmodel"):
+        fp32 = _ops(tiny_decoder_dir, program, "fp32")
+        bf16 = _ops(tiny_decoder_dir, program, "bf16")
+        assert not any(k == "bfloat16" for _, k in fp32), fp32
+        gemms = {t: n for (t, k), n in bf16.items() if k == "bfloat16" and t in ("fc", "fused_matmul", "matmul_v2")}
+        # 2 layers x 7 Linears (+ the head and attention matmuls): most multiply-adds run bf16
+        assert sum(gemms.values()) >= 14, bf16
+
+
+def test_bf16_logits_stay_close_to_fp32(tiny_decoder_dir):
+    if not HAS_BF16:
+        pytest.skip("this CPU has no bf16 kernels (AVX512_BF16 or AMX)")
+    from pipeline.engine.decoder_predictor import DecoderPredictor
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 200, (2, 9)).astype(np.int64)
+    pos = np.broadcast_to(np.arange(9), (2, 9)).astype(np.int64)
+    mask = np.ones((2, 9), np.float32)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        p = DecoderPredictor(tiny_decoder_dir, 2, 16, precision=precision)
+        a = p.prefill(ids, pos, mask)
+        b = p.step(ids[:, :1], np.full((2, 1), 9, np.int64), np.ones((2, 10), np.float32))
+        out[precision] = np.concatenate([a, b])
+    diff = np.abs(out["bf16"] - out["fp32"]).max()
+    scale = np.abs(out["fp32"]).max()
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op): a 2-layer model's logits move
+    # by a few percent of their range at most; an fp32 run (bf16 silently off) would be ~1e-6.
+    assert 1e-5 < diff < 0.05 * scale, (diff, scale)
