@@ -46,7 +46,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SAMPLE = ROOT / "data" / "generate" / "prompts.jsonl"
-MICRO_VARIANTS = ("fp32", "fp32-ir", "bf16", "int8")
+MICRO_VARIANTS = ("fp32", "fp32-ir", "bf16", "bf16-matmul", "int8")
+# bf16-matmul: bf16 with the Linears kept as oneDNN matmuls (the passes that map them to `mul` deleted)
+MAP_PASSES = ("gpu_cpu_map_matmul_v2_to_mul_pass", "gpu_cpu_map_matmul_v2_to_matmul_pass")
+
+
+def _variant_precision(variant: str) -> str:
+    import pipeline.engine.decoder_precision as dp
+
+    if variant == "bf16-matmul":
+        dp.BF16_DELETED_PASSES = MAP_PASSES
+    elif variant == "bf16":
+        dp.BF16_DELETED_PASSES = ()
+    return "fp32" if variant.startswith("fp32") else variant.split("-")[0]
 STAGES = ("ops", "micro", "verbose", "e2e")
 
 
@@ -63,7 +75,7 @@ def cpu_report(avx2: bool) -> dict:
 def _predictor(model_dir: Path, variant: str, batch: int, max_len: int, threads: int):
     from pipeline.engine.decoder_predictor import DecoderPredictor
 
-    precision = "fp32" if variant.startswith("fp32") else variant
+    precision = _variant_precision(variant)
     return DecoderPredictor(model_dir, batch, max_len, threads=threads, precision=precision,
                             decode_ir_optim=True if variant == "fp32-ir" else None)
 
@@ -117,7 +129,7 @@ def child_ops(args) -> dict:
     from pipeline.engine.decoder_io import DECODE_PROGRAM, PREFILL_PROGRAM
     from pipeline.engine.decoder_precision import decode_ir_optim_default, optimized_ops, params_file
 
-    precision = "fp32" if args.variant.startswith("fp32") else args.variant
+    precision = _variant_precision(args.variant)
     res = {}
     for prog in (PREFILL_PROGRAM, DECODE_PROGRAM):
         ir = True if prog == PREFILL_PROGRAM or args.variant == "fp32-ir" else decode_ir_optim_default(precision)
@@ -169,11 +181,11 @@ def summarize_verbose(text: str) -> dict:
 
 
 def child_main(args) -> None:
-    if args.stage == "micro":
+    if args.child == "micro":
         print(json.dumps(child_micro(args)))
-    elif args.stage == "ops":
+    elif args.child == "ops":
         print(json.dumps(child_ops(args)))
-    elif args.stage == "verbose":
+    elif args.child == "verbose":
         child_verbose(args)
 
 
@@ -264,7 +276,7 @@ def main() -> None:
         for v in args.variants:
             if v == "int8" and args.int8_dir is None:
                 continue
-            if v == "bf16" and not report["cpu"][isa]["bf16"]:
+            if v.startswith("bf16") and not report["cpu"][isa]["bf16"]:
                 continue  # no bf16 kernels: Paddle would run fp32, and the pipeline refuses it
             if isa == "avx2" and v == "fp32-ir":
                 continue

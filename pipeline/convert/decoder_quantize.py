@@ -248,7 +248,11 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
         t0 = time.perf_counter()
         _calibrate(biased, batches, calibrated, weights)
         calib_s = time.perf_counter() - t0
-        cal_params = read_params(calibrated, PREFILL_PROGRAM, PARAMS_FILE)
+        # PaddleSlim names the params file after the program (prefill.pdiparams), whatever it is told
+        cal_file = next((f for f in ("prefill.pdiparams", PARAMS_FILE) if (calibrated / f).is_file()), None)
+        if cal_file is None:
+            raise ConversionError(f"PaddleSlim wrote no params file: {sorted(p.name for p in calibrated.iterdir())}")
+        cal_params = read_params(calibrated, PREFILL_PROGRAM, cal_file)
         paddle.enable_static()
         try:
             pre = paddle.static.Program.parse_from_string((calibrated / PREFILL_PROGRAM).read_bytes())

@@ -30,6 +30,9 @@ from pipeline.engine.paddle_env import import_inference
 paddle_infer = import_inference()
 
 DECODER_PRECISIONS = ("fp32", "bf16", "int8")
+# IR passes deleted for bf16: without them a Linear (matmul_v2 with a weight, no bias) stays a
+# oneDNN matmul, which has a bf16 kernel, instead of becoming a `mul` (MKL, fp32 only).
+BF16_DELETED_PASSES: tuple[str, ...] = ()
 # The op types an int8 decoder directory runs in int8 unless its model.json says otherwise.
 DEFAULT_INT8_OPS = ("fc",)
 
@@ -53,6 +56,8 @@ def apply_precision(config, precision: str, int8_ops: tuple[str, ...] = DEFAULT_
     assert precision in DECODER_PRECISIONS, f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}"
     if precision == "bf16":
         config.enable_mkldnn_bfloat16()
+        for name in BF16_DELETED_PASSES:
+            config.delete_pass(name)
     elif precision == "int8":
         config.enable_mkldnn_int8(set(int8_ops))
 
