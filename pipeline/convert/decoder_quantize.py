@@ -257,7 +257,8 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
         try:
             pre = paddle.static.Program.parse_from_string((calibrated / PREFILL_PROGRAM).read_bytes())
             by_weight = keep_linear_pairs(pre)
-            scale_vars = {v.name: (list(v.shape), v.dtype) for v in pre.list_vars() if v.persistable}
+            scale_vars = {v.name: (list(v.shape), v.dtype) for v in pre.list_vars()
+                          if v.persistable and v.name not in ("feed", "fetch")}
             dec = paddle.static.Program.parse_from_string(biased_bytes[DECODE_PROGRAM])
             pairs = add_linear_pairs(dec, by_weight, scale_vars)
             pre_bytes, dec_bytes = pre.desc.serialize_to_string(), dec.desc.serialize_to_string()
@@ -270,8 +271,10 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
             raise ConversionError(f"PaddleSlim calibrated {len(by_weight)} of the {linears} Linears of the prefill "
                                   f"program; the others would silently run fp32")
         if persist[PREFILL_PROGRAM] != persist[DECODE_PROGRAM]:
-            raise ConversionError("the int8 prefill and decode programs hold different parameters; they must "
-                                  "share one params file")
+            a, b = set(persist[PREFILL_PROGRAM]), set(persist[DECODE_PROGRAM])
+            raise ConversionError(f"the int8 prefill and decode programs hold different parameters (prefill only: "
+                                  f"{sorted(a - b)[:6]}, decode only: {sorted(b - a)[:6]}); they must share one "
+                                  f"params file")
         keep = {n: cal_params[n] for n in persist[PREFILL_PROGRAM]}
         write_model(dst, pre_bytes, keep, PREFILL_PROGRAM, PARAMS_FILE)
         (dst / DECODE_PROGRAM).write_bytes(dec_bytes)

@@ -62,6 +62,58 @@ def apply_precision(config, precision: str, int8_ops: tuple[str, ...] = DEFAULT_
         config.enable_mkldnn_int8(set(int8_ops))
 
 
+def _key(program: Path, params: Path, precision: str, isa: str) -> str:
+    import hashlib
+    from importlib.metadata import version
+
+    st = Path(params).stat()
+    what = [hashlib.sha256(Path(program).read_bytes()).hexdigest(), str(Path(params).resolve()), st.st_size,
+            st.st_mtime_ns, precision, isa, version("paddlepaddle"), BF16_DELETED_PASSES]
+    return hashlib.sha256(repr(what).encode()).hexdigest()[:24]
+
+
+def prepared_program(program: Path, params: Path, precision: str, threads: int, cache_root: Path | None,
+                     isa: str = "") -> tuple[Path, Path] | None:
+    """(program, params) of `program` as Paddle's IR passes leave it at `precision`, saved once per
+    program, params file, precision, oneDNN ISA and paddle version under `cache_root`
+    (`optimized-programs/<key>/`); loaded with the passes off. Paddle 2.6.2's bf16 placement
+    pass takes minutes on the decoder's programs (its RemoveOrphanedOperators reruns a pattern
+    search over the whole graph per op it removes), so it runs once, not per predictor. None
+    when there is no cache folder (the caller then runs the passes itself)."""
+    import os
+    import shutil
+
+    if cache_root is None or precision == "fp32":
+        return None
+    entry = Path(cache_root) / "optimized-programs" / _key(program, params, precision, isa)
+    done = entry / "_optimized.pdmodel", entry / "_optimized.pdiparams"
+    if all(f.is_file() for f in done):
+        return done
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        config = paddle_infer.Config(str(program), str(params))
+        config.switch_ir_optim(True)
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(threads)
+        config.enable_mkldnn()
+        apply_precision(config, precision)
+        config.switch_use_feed_fetch_ops(False)
+        config.disable_glog_info()
+        config.enable_save_optim_model(True)
+        config.set_optim_cache_dir(str(tmp))
+        paddle_infer.create_predictor(config)
+        if not all((tmp / f.name).is_file() for f in done):
+            return None
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process saved it first: use theirs
+            pass
+        return done if all(f.is_file() for f in done) else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def optimized_ops(program: Path, params: Path, precision: str, ir_optim: bool = True, threads: int = 1,
                   int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS) -> dict[tuple[str, str], int]:
     """{(op type, oneDNN data type): count} of `program` as Paddle runs it at `precision`

@@ -75,6 +75,7 @@ from pipeline.engine.decoder_precision import (  # noqa: E402
     apply_precision,
     decode_ir_optim_default,
     params_file,
+    prepared_program,
 )
 from pipeline.engine.decoder_io import (  # noqa: E402
     DECODE_PROGRAM,
@@ -113,6 +114,18 @@ def _config(program: Path, params: Path, threads: int, onednn: bool, ir_optim: b
     return config
 
 
+def _create(program: Path, params: Path, threads: int, onednn: bool, ir_optim: bool, onednn_cache_capacity: int,
+            precision: str, int8_ops: tuple[str, ...], optimized_cache: Path | None):
+    """A predictor of `program`; bf16 from the program Paddle's passes made of it once and saved
+    in `optimized_cache` (decoder_precision.prepared_program: the bf16 passes take minutes)."""
+    ready = (prepared_program(program, params, precision, threads, optimized_cache)
+             if precision == "bf16" and ir_optim and onednn and optimized_cache is not None else None)
+    if ready is not None:
+        return paddle_infer.create_predictor(_config(*ready, threads, onednn, False, onednn_cache_capacity))
+    return paddle_infer.create_predictor(_config(program, params, threads, onednn, ir_optim, onednn_cache_capacity,
+                                                 precision, int8_ops))
+
+
 class DecoderPredictor:
     """Prefill a left-padded batch, then decode one token per row per `step`.
 
@@ -136,7 +149,7 @@ class DecoderPredictor:
                  feed: str = "shared", block: int = 32,
                  onednn_cache_capacity: int = 64, group_prefill: bool = True,
                  prefill_call_tokens: int = PREFILL_CALL_TOKENS, precision: str = "fp32",
-                 int8_ops: tuple[str, ...] = ()):
+                 int8_ops: tuple[str, ...] = (), optimized_cache: Path | None = None):
         assert max_batch >= 1 and max_len >= 1 and block >= 1, (max_batch, max_len, block)
         assert feed in FEEDS, f"feed must be one of {FEEDS}, got {feed!r}"
         assert precision == "fp32" or onednn, f"{precision} runs on oneDNN's kernels only"
@@ -146,12 +159,10 @@ class DecoderPredictor:
         # (engine/decoder_precision.py: what each precision runs, and its measured speed).
         if decode_ir_optim is None:
             decode_ir_optim = decode_ir_optim_default(precision)
-        self._prefill = paddle_infer.create_predictor(
-            _config(d / PREFILL_PROGRAM, params_file(d, PREFILL_PROGRAM), threads, onednn, ir_optim,
-                    onednn_cache_capacity, precision, int8_ops))
-        self._decode = paddle_infer.create_predictor(
-            _config(d / DECODE_PROGRAM, params_file(d, DECODE_PROGRAM), threads, onednn, decode_ir_optim,
-                    onednn_cache_capacity, precision, int8_ops))
+        self._prefill, self._decode = (
+            _create(d / prog, params_file(d, prog), threads, onednn, ir, onednn_cache_capacity, precision, int8_ops,
+                    optimized_cache)
+            for prog, ir in ((PREFILL_PROGRAM, ir_optim), (DECODE_PROGRAM, decode_ir_optim)))
 
         names = list(self._decode.get_input_names())
         self.num_layers = (len(names) - 3) // 2

@@ -138,11 +138,13 @@ class Generator:
         self.max_len = s.max_prompt_tokens + s.decoding.max_new_tokens
         if backend is None:
             from pipeline.engine.decoder_predictor import DecoderPredictor
+            from pipeline.paths import cache_dir
 
             def backend(rows: int, max_len: int, threads: int) -> StepModel:
                 return DecoderPredictor(model.path, rows, max_len, threads=threads, onednn=s.onednn,
                                         precision=s.precision,
-                                        int8_ops=model.quantization.onednn_int8_ops if model.quantization else ())
+                                        int8_ops=model.quantization.onednn_int8_ops if model.quantization else (),
+                                        optimized_cache=cache_dir())
 
         self._free: queue.Queue = queue.Queue()
         for _ in range(s.streams):

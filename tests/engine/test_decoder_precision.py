@@ -138,3 +138,94 @@ def test_bf16_logits_stay_close_to_fp32(tiny_decoder_dir):
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op): a 2-layer model's logits move
     # by a few percent of their range at most; an fp32 run (bf16 silently off) would be ~1e-6.
     assert 1e-5 < diff < 0.05 * scale, (diff, scale)
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def tiny_int8_dir(tiny_decoder_dir, tmp_path_factory):
+    """The tiny decoder's int8 programs (convert/decoder_quantize.py), calibrated on random prompts."""
+    pytest.importorskip("paddleslim")
+    from pipeline.convert.decoder_quantize import write_int8_programs
+
+    info = load_model_info(tiny_decoder_dir)
+    rng = np.random.default_rng(1)
+    batches = [{"input_ids": rng.integers(3, info.vocab_size, (1, n)).astype(np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None], "attention_mask": np.ones((1, n), np.float32)}
+               for n in (5, 9, 13)]
+    dst = tmp_path_factory.mktemp("tiny-int8") / "int8"
+    dst.mkdir()
+    done = write_int8_programs(info, batches, dst)
+    shutil.copy(info.tokenizer_file, dst / "tokenizer.json")
+    meta = {**info.meta, "precision": "int8", "quantization": {"onednn_int8_ops": ["fc"]}}
+    (dst / "model.json").write_text(json.dumps(meta))
+    return dst, done
+
+
+def test_int8_programs_quantize_every_linear_in_both_programs(tiny_int8_dir):
+    """2 layers x 7 Linears get a zero bias (-> fc) in both programs; the decode program gets the
+    prefill's quantize/dequantize pairs (q, k, v share one input: 4 inputs per layer)."""
+    from paddle.base.proto import framework_pb2
+
+    dst, done = tiny_int8_dir
+    assert done["linears_int8"] == 14 and done["zero_biases_added"] == {"prefill.pdmodel": 14, "decode.pdmodel": 14}
+    assert done["decode_pairs_added"] == 8
+    for program in ("prefill.pdmodel", "decode.pdmodel"):
+        desc = framework_pb2.ProgramDesc.FromString((dst / program).read_bytes())
+        types = [op.type for op in desc.blocks[0].ops]
+        assert types.count("quantize_linear") == types.count("dequantize_linear") == 8, program
+
+
+def test_int8_linears_run_as_int8_fc_ops(tiny_int8_dir):
+    dst, _ = tiny_int8_dir
+    for program in ("prefill.pdmodel", "decode.pdmodel"):
+        ops = _ops(dst, program, "int8")
+        assert ops.get(("fc", "int8"), 0) == 14, ops  # every Linear; the head stays a float matmul
+        assert not any(t in ("quantize_linear", "dequantize_linear") for t, _ in ops), ops
+
+
+def test_int8_predictor_follows_the_fp32_model(tiny_decoder_dir, tiny_int8_dir):
+    from pipeline.engine.decoder_predictor import DecoderPredictor
+
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, 200, (2, 9)).astype(np.int64)
+    pos = np.broadcast_to(np.arange(9), (2, 9)).astype(np.int64)
+    out = {}
+    for name, d, precision in (("fp32", tiny_decoder_dir, "fp32"), ("int8", tiny_int8_dir[0], "int8")):
+        p = DecoderPredictor(d, 2, 16, precision=precision)
+        a = p.prefill(ids, pos, np.ones((2, 9), np.float32))
+        b = p.step(ids[:, :1], np.full((2, 1), 9, np.int64), np.ones((2, 10), np.float32))
+        out[name] = np.concatenate([a, b])
+    diff, scale = np.abs(out["int8"] - out["fp32"]).max(), np.abs(out["fp32"]).max()
+    # int8 Linears move the logits (random weights, random calibration) but keep their shape:
+    # the correlation with the fp32 logits stays near 1; a broken program (wrong scales) does not.
+    corr = np.corrcoef(out["int8"].ravel(), out["fp32"].ravel())[0, 1]
+    assert diff > 1e-5 and corr > 0.95, (diff, scale, corr)
+
+
+def test_a_failing_generation_gate_writes_no_int8_directory(tiny_decoder_dir, tmp_path, monkeypatch):
+    """`quantize` on a decoder: a gate that fails leaves --out unwritten (and says why); --force
+    writes it with the failing record, which `generate --precision auto` still runs as int8 but
+    reports."""
+    pytest.importorskip("paddleslim")
+    import pipeline.convert.generation_gate as gg
+    from pipeline.convert.decoder_quantize import quantize_decoder
+    from pipeline.convert.generation_gate import compare_generations
+
+    failing = compare_generations(["a b c d"], ["x"], [["a b c d"]])
+    assert not failing.passed
+
+    class FakeRun:
+        result = failing
+
+    monkeypatch.setattr(gg, "run_generation_gate", lambda *a, **k: FakeRun())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "1", "prompt": "hello there", "reference": "a b c d"}) + "\n")
+    out = tmp_path / "int8"
+    dst, gate = quantize_decoder(tiny_decoder_dir, [prompts], out, calib_prompts=1)
+    assert dst is None and not gate.passed and not out.exists()
+    dst, gate = quantize_decoder(tiny_decoder_dir, [prompts], out, calib_prompts=1, force=True)
+    info = load_model_info(dst)
+    assert info.precision == "int8" and info.quantization.gate_passed is False
+    assert "did NOT pass" in choose_precision("auto", "cpu", info, CPUS["zen4"])[1]
