@@ -136,21 +136,22 @@ def add_linear_pairs(program, by_weight: dict[str, dict], scale_vars: dict[str, 
     `by_weight` (shared by Linears reading the same input, as q, k, v do); `scale_vars` gives the
     shape and dtype of each Scale / ZeroPoint variable. Returns the pairs added."""
     block = program.global_block()
-    done: dict[str, str] = {}
+    done: dict[tuple[str, str], str] = {}  # (input, Scale variable) -> the dequantized input
     added = 0
     for op in weight_linears(block):
         w = op.input("Y")[0]
         if w not in by_weight:
             continue
         x = op.input("X")[0]
-        if x not in done:
-            rec = by_weight[w]
+        rec = by_weight[w]
+        key = (x, rec["scale"])
+        if key not in done:
             for name in (rec["scale"], rec["zero_point"]):
                 if not block.has_var(name):
                     shape, dtype = scale_vars[name]
                     block.create_var(name=name, shape=shape, dtype=dtype, persistable=True)
             xv = block.var(x)
-            qn, dqn = f"{x}.quantized", f"{x}.dequantized"
+            qn, dqn = f"{x}.quantized.{added}", f"{x}.dequantized.{added}"
             block.create_var(name=qn, shape=xv.shape, dtype=xv.dtype, persistable=False)
             block.create_var(name=dqn, shape=xv.shape, dtype=xv.dtype, persistable=False)
             at = list(block.ops).index(op)
@@ -160,9 +161,9 @@ def add_linear_pairs(program, by_weight: dict[str, dict], scale_vars: dict[str, 
             block._insert_op(at + 1, type="dequantize_linear",
                              inputs={"X": [qn], "Scale": [rec["scale"]], "ZeroPoint": [rec["zero_point"]]},
                              outputs={"Y": [dqn]}, attrs=rec["dq_attrs"])
-            done[x] = dqn
+            done[key] = dqn
             added += 1
-        op._rename_input(x, done[x])
+        op._rename_input(x, done[key])
     return added
 
 

@@ -32,9 +32,17 @@ paddle_infer = import_inference()
 DECODER_PRECISIONS = ("fp32", "bf16", "int8")
 # IR passes deleted for bf16: without them a Linear (matmul_v2 with a weight, no bias) stays a
 # oneDNN matmul, which has a bf16 kernel, instead of becoming a `mul` (MKL, fp32 only).
-BF16_DELETED_PASSES: tuple[str, ...] = ()
+BF16_DELETED_PASSES: tuple[str, ...] = ("gpu_cpu_map_matmul_v2_to_mul_pass", "gpu_cpu_map_matmul_v2_to_matmul_pass")
 # The op types an int8 decoder directory runs in int8 unless its model.json says otherwise.
 DEFAULT_INT8_OPS = ("fc",)
+
+
+def decode_precision_default(precision: str) -> str:
+    """The decode program's precision for a run at `precision`: bf16 runs the prefill program
+    only in bf16 (measured: the passes bf16 needs make the decode step slower than fp32 without
+    them; see the module docstring); int8 directories have int8 in both programs."""
+    assert precision in DECODER_PRECISIONS, f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}"
+    return "fp32" if precision == "bf16" else precision
 
 
 def decode_ir_optim_default(precision: str) -> bool:
@@ -135,7 +143,14 @@ def optimized_ops(program: Path, params: Path, precision: str, ir_optim: bool = 
         saved = [p for p in Path(d).iterdir() if p.name.endswith(".pdmodel")]
         if not saved:  # without IR passes nothing is rewritten (nor saved): the program as it is
             saved = [Path(program)]
-        desc = framework_pb2.ProgramDesc.FromString(saved[0].read_bytes())
+        return program_ops(saved[0])
+
+
+def program_ops(program: Path) -> dict[tuple[str, str], int]:
+    """{(op type, oneDNN data type): count} of a saved program."""
+    from paddle.base.proto import framework_pb2
+
+    desc = framework_pb2.ProgramDesc.FromString(Path(program).read_bytes())
     counts: Counter = Counter()
     for block in desc.blocks:
         for op in block.ops:

@@ -74,6 +74,7 @@ from pipeline.engine.decoder_precision import (  # noqa: E402
     DEFAULT_INT8_OPS,
     apply_precision,
     decode_ir_optim_default,
+    decode_precision_default,
     params_file,
     prepared_program,
 )
@@ -118,8 +119,11 @@ def _create(program: Path, params: Path, threads: int, onednn: bool, ir_optim: b
             precision: str, int8_ops: tuple[str, ...], optimized_cache: Path | None):
     """A predictor of `program`; bf16 from the program Paddle's passes made of it once and saved
     in `optimized_cache` (decoder_precision.prepared_program: the bf16 passes take minutes)."""
-    ready = (prepared_program(program, params, precision, threads, optimized_cache)
-             if precision == "bf16" and ir_optim and onednn and optimized_cache is not None else None)
+    ready = None
+    if precision == "bf16" and ir_optim and onednn and optimized_cache is not None:
+        from pipeline.engine.cpu import CpuFeatures
+
+        ready = prepared_program(program, params, precision, threads, optimized_cache, CpuFeatures.detect().isa)
     if ready is not None:
         return paddle_infer.create_predictor(_config(*ready, threads, onednn, False, onednn_cache_capacity))
     return paddle_infer.create_predictor(_config(program, params, threads, onednn, ir_optim, onednn_cache_capacity,
@@ -149,7 +153,8 @@ class DecoderPredictor:
                  feed: str = "shared", block: int = 32,
                  onednn_cache_capacity: int = 64, group_prefill: bool = True,
                  prefill_call_tokens: int = PREFILL_CALL_TOKENS, precision: str = "fp32",
-                 int8_ops: tuple[str, ...] = (), optimized_cache: Path | None = None):
+                 int8_ops: tuple[str, ...] = (), optimized_cache: Path | None = None,
+                 decode_precision: str | None = None):
         assert max_batch >= 1 and max_len >= 1 and block >= 1, (max_batch, max_len, block)
         assert feed in FEEDS, f"feed must be one of {FEEDS}, got {feed!r}"
         assert precision == "fp32" or onednn, f"{precision} runs on oneDNN's kernels only"
@@ -157,12 +162,16 @@ class DecoderPredictor:
         self.precision = precision
         # bf16 and int8 are made by IR passes, so the decode program needs them there
         # (engine/decoder_precision.py: what each precision runs, and its measured speed).
+        if decode_precision is None:
+            decode_precision = decode_precision_default(precision)
+        self.decode_precision = decode_precision
         if decode_ir_optim is None:
-            decode_ir_optim = decode_ir_optim_default(precision)
+            decode_ir_optim = decode_ir_optim_default(decode_precision)
         self._prefill, self._decode = (
-            _create(d / prog, params_file(d, prog), threads, onednn, ir, onednn_cache_capacity, precision, int8_ops,
+            _create(d / prog, params_file(d, prog), threads, onednn, ir, onednn_cache_capacity, prec, int8_ops,
                     optimized_cache)
-            for prog, ir in ((PREFILL_PROGRAM, ir_optim), (DECODE_PROGRAM, decode_ir_optim)))
+            for prog, ir, prec in ((PREFILL_PROGRAM, ir_optim, precision),
+                                   (DECODE_PROGRAM, decode_ir_optim, decode_precision)))
 
         names = list(self._decode.get_input_names())
         self.num_layers = (len(names) - 3) // 2
