@@ -33,7 +33,6 @@ import zlib  # noqa: F401 - before paddle
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys

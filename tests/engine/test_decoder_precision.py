@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, GenerationOptions, RunConfig, choose_precision, resolve
-from pipeline.engine.cpu import CpuFeatures
 from pipeline.engine.modeldir import load_model_info
-from tests.engine.test_precision import CPUS, FAILED, FORCED, HAS_BF16, PASSED
+from tests.engine.test_precision import CPUS, FAILED, HAS_BF16, PASSED
 
 GEN_PASSED = {**PASSED, "kind": "generation", "loss_rate": {"rouge_l": 0.001, "bleu": 0.004}}
 GEN_FAILED = {**FAILED, "kind": "generation", "loss_rate": {"rouge_l": 0.03, "bleu": "inf"}}
