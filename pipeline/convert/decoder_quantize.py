@@ -112,6 +112,8 @@ def keep_linear_pairs(program) -> dict[str, dict]:
             q, dq = pairs[x]
             by_weight[op.input("Y")[0]] = {
                 "scale": q.input("Scale")[0], "zero_point": q.input("ZeroPoint")[0],
+                # PaddleSlim gives the dequantize op a ZeroPoint (and maybe Scale) variable of its own
+                "dq_scale": dq.input("Scale")[0], "dq_zero_point": dq.input("ZeroPoint")[0],
                 "q_attrs": {k: q.attr(k) for k in q.attr_names if not k.startswith("op_")},
                 "dq_attrs": {k: dq.attr(k) for k in dq.attr_names if not k.startswith("op_")}}
     drop = [(x, q, dq) for x, (q, dq) in pairs.items() if x not in linears]
@@ -122,7 +124,7 @@ def keep_linear_pairs(program) -> dict[str, dict]:
             if x in op.input_arg_names:
                 op._rename_input(x, src)
         dead_vars |= {q.output("Y")[0], x}
-        dead_vars |= {q.input("Scale")[0], q.input("ZeroPoint")[0]}
+        dead_vars |= {q.input("Scale")[0], q.input("ZeroPoint")[0], dq.input("Scale")[0], dq.input("ZeroPoint")[0]}
         for o in (dq, q):
             block._remove_op(list(block.ops).index(o))
     used = {n for op in block.ops for n in op.input_arg_names + op.output_arg_names}
@@ -146,7 +148,7 @@ def add_linear_pairs(program, by_weight: dict[str, dict], scale_vars: dict[str, 
         rec = by_weight[w]
         key = (x, rec["scale"])
         if key not in done:
-            for name in (rec["scale"], rec["zero_point"]):
+            for name in (rec["scale"], rec["zero_point"], rec["dq_scale"], rec["dq_zero_point"]):
                 if not block.has_var(name):
                     shape, dtype = scale_vars[name]
                     block.create_var(name=name, shape=shape, dtype=dtype, persistable=True)
@@ -159,7 +161,7 @@ def add_linear_pairs(program, by_weight: dict[str, dict], scale_vars: dict[str, 
                              inputs={"X": [x], "Scale": [rec["scale"]], "ZeroPoint": [rec["zero_point"]]},
                              outputs={"Y": [qn]}, attrs=rec["q_attrs"])
             block._insert_op(at + 1, type="dequantize_linear",
-                             inputs={"X": [qn], "Scale": [rec["scale"]], "ZeroPoint": [rec["zero_point"]]},
+                             inputs={"X": [qn], "Scale": [rec["dq_scale"]], "ZeroPoint": [rec["dq_zero_point"]]},
                              outputs={"Y": [dqn]}, attrs=rec["dq_attrs"])
             done[key] = dqn
             added += 1
