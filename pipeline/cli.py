@@ -28,6 +28,7 @@ from pipeline.config import (
     DEFAULT_INPUT,
     DEFAULT_MODEL_NAME,
     DEFAULT_OUT,
+    GENERATION_PRECISIONS,
     PRECISIONS,
     ConfigError,
     GenerationOptions,
@@ -39,6 +40,7 @@ from pipeline.paths import NO_DEFAULT_INPUT
 
 DESCRIPTION = ("Batch inference for ERNIE-family models on Paddle Inference: score and rank query-document "
                "pairs (run, rerank), generate text (generate), and prepare models (convert, prune-vocab, quantize).")
+from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.engine.modeldir import ModelDirError, ModelInfo, load_model_info
 from pipeline.engine.decoder_modeldir import DecoderModelInfo
 from pipeline.io.formats import TSV_QUOTING
@@ -257,8 +259,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                    help="gpu: fp16 on Paddle's fused_multi_transformer; needs requirements-gpu.txt and a model "
                         "converted with --target gpu (written to Paddle's API, not run on this project's machines)")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
-                   help="cpu: fp32; gpu: fp16 (auto picks that)")
+    p.add_argument("--precision", choices=list(GENERATION_PRECISIONS) + ["fp16"], default="auto",
+                   help="cpu: auto = the fastest precision the model passed the gate for and this CPU runs (int8 "
+                        "for an int8 directory from `quantize`; bf16 where its gate passed and the CPU has bf16 "
+                        "kernels; else fp32); gpu: fp16 (auto picks that)")
     p.add_argument("--chunk-rows", type=int, default=64, help="rows read and tokenized per task")
     p.add_argument("--window-rows", type=int, default=256,
                    help="rows sorted by length together and committed at once (a resumed run restarts a window)")
@@ -361,6 +365,9 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-int8)")
     p.add_argument("--force", action="store_true",
                    help="overwrite --out, and write the model even if it fails the gate (marked failing in model.json)")
+    p.add_argument("--gate-data", type=Path, nargs="+", default=None,
+                   help="decoders: prompt files with references the gate generates on (default: --calib)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="decoders: greedy tokens per prompt in the gate")
     _add_column_flags(p)
 
 
@@ -381,6 +388,9 @@ def _gate_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="predictor threads (default: core count)")
     p.add_argument("--force", action="store_true",
                    help="record a failing gate as accepted: explicit --precision bf16 then runs (auto still does not)")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="generation models: greedy tokens per prompt (the gate compares ROUGE-L and BLEU of the "
+                        "outputs against the references, at fp32 and at --precision)")
     _add_column_flags(p)
 
 
@@ -391,6 +401,8 @@ def _gate(args) -> int:
 
     if args.max_loss_rate < 0:
         raise ConversionError("--max-loss-rate must be >= 0")
+    if isinstance(load_model_info(args.model_dir), DecoderModelInfo):
+        return _gate_decoder(args)
     gate = gate_precision(args.model_dir, args.data, args.precision, args.max_loss_rate, args.threads, args.force,
                           _columns(args))
     print(format_gate(gate))
@@ -401,6 +413,40 @@ def _gate(args) -> int:
     print(f"recorded in {where} as " + ("FAILED but accepted (--force): --precision bf16 runs, auto does not"
                                         if args.force else "FAILED: --precision bf16 is refused on this model"))
     return 0 if args.force else 1
+
+
+def _gate_decoder(args) -> int:
+    """`gate` on a generation model: greedy outputs at fp32 and at --precision compared (ROUGE-L, BLEU)."""
+    from pipeline.convert.generation_gate import format_generation_gate
+    from pipeline.convert.precision_gate import gate_decoder_precision
+
+    gate = gate_decoder_precision(args.model_dir, args.data, args.precision, args.max_loss_rate, args.threads,
+                                  args.force, args.max_new_tokens)
+    print(format_generation_gate(gate, args.precision))
+    where = args.model_dir / "model.json"
+    if gate.passed:
+        print(f"recorded in {where}: `generate --precision auto` uses {args.precision} on CPUs that have it")
+        return 0
+    print(f"recorded in {where} as " + ("FAILED but accepted (--force): --precision bf16 runs, auto does not"
+                                        if args.force else "FAILED: --precision bf16 is refused on this model"))
+    return 0 if args.force else 1
+
+
+def _quantize_decoder(args) -> int:
+    from pipeline.convert import ConversionError
+    from pipeline.convert.decoder_quantize import quantize_decoder
+    from pipeline.convert.generation_gate import format_generation_gate
+
+    dst, gate = quantize_decoder(args.model_dir, args.calib, args.out, force=args.force,
+                                 max_loss_rate=args.max_loss_rate, threads=args.threads,
+                                 gate_data=args.gate_data or (), max_new_tokens=args.max_new_tokens, name=args.name)
+    print(format_generation_gate(gate, "int8"))
+    if dst is None:
+        raise ConversionError(f"the int8 decoder fails the quality gate, so {args.out} was not written; keep the "
+                              f"fp32 model, or pass --force to write it anyway (model.json marks it as failing)")
+    print(f"quantized {args.model_dir} -> {dst}" + ("" if gate.passed else " (FAILS the gate; written because of --force)")
+          + f"; run it with `generate --model {dst}`")
+    return 0
 
 
 @contextmanager
@@ -560,6 +606,8 @@ def _quantize(args) -> int:
 
     if args.max_loss_rate < 0 or (args.calib_sequences is not None and args.calib_sequences < 1):
         raise ConversionError("--max-loss-rate must be >= 0 and --calib-sequences >= 1")
+    if isinstance(load_model_info(args.model_dir), DecoderModelInfo):  # model.json "task": "generate"
+        return _quantize_decoder(args)
     kinds = None
     if args.int8_linears is not None:
         kinds = tuple(k.strip() for k in args.int8_linears.split(",") if k.strip())

@@ -138,6 +138,15 @@ class RunConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+# Measured on Paddle 2.6.2 with SmolLM2-135M (README "Precision (generation)"): the bf16 predictor
+# of the prefill program takes 285 s to create and then fails in the RoPE elementwise_mul
+# (broadcast [8, 9, 128, 64] against [8, 1, 128, 32]); the tiny test decoder runs. Until that is
+# solved a bf16 generation run is refused rather than left to crash after minutes.
+DECODER_BF16_RUNS = False
+DECODER_BF16_BLOCKED = ("--precision bf16 is not available for generation on Paddle 2.6.2: its bf16 passes take "
+                        "minutes on the decoder's prefill program and the program they produce then fails "
+                        "(RoPE broadcast mismatch); use fp32, or int8 from `quantize`")
+GENERATION_PRECISIONS = ("auto", "fp32", "bf16", "int8")  # on the CPU (fp16: the GPU path, engine/decoder_gpu.py)
 
 
 @dataclass(frozen=True)
@@ -171,7 +180,8 @@ class Settings:
         assert g is not None, "not a generation run"
         return GeneratorSettings(decoding=g.decoding, max_cache_bytes=g.max_cache_bytes, max_batch_rows=g.max_batch_rows,
                                  max_prompt_tokens=g.max_prompt_tokens, threads=self.threads, streams=self.streams,
-                                 batching=g.batching, admit_min=g.admit_min)
+                                 batching=g.batching, admit_min=g.admit_min,
+                                 precision=self.precision)
 
     @property
     def threads_per_stream(self) -> int:
@@ -224,6 +234,12 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
                                               is_fused_model(info), info.path, streams=cfg.streams)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if device == "cpu":  # auto / fp32 / bf16 / int8: the model's gates and this CPU decide
+        precision, precision_reason = choose_precision(precision, "cpu", info, cfg.cpu or CpuFeatures.detect())
+        if precision == "bf16" and not DECODER_BF16_RUNS:
+            raise ConfigError(DECODER_BF16_BLOCKED)
+    else:
+        precision_reason = "fp16 on the GPU (the fused decoder export)"
     g = cfg.generation
     if g.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {g.max_new_tokens}")
@@ -265,7 +281,7 @@ def _resolve_generation(cfg: RunConfig, info: DecoderModelInfo) -> Settings:
         mode=mode, max_seq_len=g.max_prompt_tokens + g.max_new_tokens, max_batch_tokens=0,
         max_batch_size=cfg.max_batch_size, pad_multiple=1, device=device, precision=precision, tensorrt=False,
         trt_varlen=False, workers=workers, threads=threads, streams=streams, chunk_rows=cfg.chunk_rows,
-        window_rows=max(cfg.window_rows, cfg.chunk_rows),
+        window_rows=max(cfg.window_rows, cfg.chunk_rows), precision_reason=precision_reason,
         progress=progress, run_tag=cfg.run_tag, tsv_quoting=cfg.tsv_quoting,
         generation=GenerationSettings(decoding=decoding, max_prompt_tokens=g.max_prompt_tokens,
                                       prompt_overflow=g.prompt_overflow, chat=g.chat, max_cache_bytes=max_cache_bytes,
@@ -329,8 +345,9 @@ def _check_device(cfg: RunConfig) -> None:
                           "ERNIE plugins exist only in half precision or int8)")
 
 
-def choose_precision(requested: str, device: str, info: ModelInfo, cpu: CpuFeatures) -> tuple[str, str]:
-    """(precision, why) for a scoring run: what `--precision` asked for, checked against the
+def choose_precision(requested: str, device: str, info: ModelInfo | DecoderModelInfo,
+                     cpu: CpuFeatures) -> tuple[str, str]:
+    """(precision, why) for a scoring or generation run: what `--precision` asked for, checked against the
     model directory (an int8 model runs int8 only; bf16 and int8 on an fp32 model) and the CPU
     (no bf16 without AVX512_BF16 or AMX: Paddle would silently run fp32 there). `auto` takes the
     fastest precision the model has passed the gate for and the CPU runs: int8 for an int8 model,
@@ -358,7 +375,8 @@ def choose_precision(requested: str, device: str, info: ModelInfo, cpu: CpuFeatu
             raise ConfigError(f"--precision bf16 needs bf16 kernels (AVX512_BF16 or AMX), which {where} lacks: "
                               f"Paddle would silently run fp32; use --precision fp32 (or auto)")
         if gate and not bf16_gate and not gate.get("forced"):
-            loss = ", ".join(f"{m} {100 * r:.2f}%" for m, r in gate.get("loss_rate", {}).items() if r is not None)
+            loss = ", ".join(f"{m} {100 * r:.2f}%" if isinstance(r, (int, float)) else f"{m} {r}"
+                             for m, r in gate.get("loss_rate", {}).items() if r is not None)
             raise ConfigError(f"{info.path} FAILED its bf16 gate ({loss} lost, limit "
                               f"{100 * gate.get('max_loss_rate', 0):.2f}%): bf16 is refused; use fp32, or accept "
                               f"the loss with `python -m pipeline gate {info.path} --precision bf16 --data FILES --force`")

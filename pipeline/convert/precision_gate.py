@@ -65,3 +65,46 @@ def _record_gate(folder: Path, precision: str, record: dict) -> None:
     tmp = path.with_name(f".{MODEL_JSON}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def gate_decoder_precision(model_dir: str | Path, data: Sequence[str | Path], precision: str = "bf16",
+                           max_loss_rate: float = DEFAULT_MAX_LOSS_RATE, threads: int | None = None,
+                           force: bool = False, max_new_tokens: int = 64, cpu: CpuFeatures | None = None):
+    """The bf16 gate of a decoder (generation) directory: greedy outputs on `data` at fp32
+    (cached, convert/generation_gate.py) and at bf16, ROUGE-L and BLEU each within
+    `max_loss_rate`; recorded in its model.json "gates"."bf16" (with the CPU), as for scoring."""
+    from pipeline.convert.generation_gate import GateCandidate, GateDecoding, gate_record, run_generation_gate
+    from pipeline.engine.decoder_modeldir import DecoderModelInfo
+
+    if precision not in GATED_PRECISIONS:
+        raise ConversionError(f"gate --precision takes {', '.join(GATED_PRECISIONS)}; a decoder's int8 is gated by "
+                              f"`quantize`, which writes the int8 copy")
+    info = load_model_info(model_dir)
+    if not isinstance(info, DecoderModelInfo) or info.precision != "fp32":
+        raise ConversionError(f"{model_dir} is not an fp32 decoder directory: bf16 is gated on the fp32 directory")
+    cpu = cpu or CpuFeatures.detect()
+    if not cpu.bf16:
+        raise ConversionError(f"this CPU ({cpu.model}, oneDNN ISA {cpu.isa}) has no bf16 kernels (AVX512_BF16 or "
+                              f"AMX): Paddle would run fp32 and the gate would prove nothing; gate on a CPU that "
+                              f"has them")
+    files = list_input_files(data)
+    # A previous failing record would refuse the bf16 run the gate needs: the new one replaces it.
+    _drop_gate(info.path, precision)
+    decoding = GateDecoding(max_new_tokens=max_new_tokens)
+    run = run_generation_gate(info.path, GateCandidate(info.path, precision), files, decoding, max_loss_rate,
+                              threads=threads)
+    record = gate_record(run.result, base_dir=info.path, data=files, decoding=decoding, forced=force,
+                         extra={"cpu": cpu.to_dict(), "candidate_precision": precision,
+                                "baseline_cached": run.baseline_cached})
+    _record_gate(info.path, precision, record)
+    return run.result
+
+
+def _drop_gate(folder: Path, precision: str) -> None:
+    path = folder / MODEL_JSON
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if precision in meta.get("gates", {}):
+        del meta["gates"][precision]
+        tmp = path.with_name(f".{MODEL_JSON}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)

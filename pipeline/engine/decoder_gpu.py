@@ -133,13 +133,13 @@ def generation_device(device: str, precision: str, tensorrt: bool, fused_model: 
         if precision == "fp16":
             raise ValueError("--precision fp16 needs --device gpu: generation on the CPU runs fp32 (Paddle's CPU "
                              "build has no fp16 kernels for the decoder)")
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"generation on the CPU runs fp32 in this version, not {precision}: drop --precision")
+        if precision not in ("auto", "fp32", "bf16", "int8"):
+            raise ValueError(f"generation on the CPU runs auto, fp32, bf16 or int8, not {precision}")
         if fused_model:
             raise ValueError(f"{model_path} is the GPU export (convert --target gpu: Paddle's fused_multi_transformer "
                              f"op, fp16), which the CPU cannot run: use --device gpu --precision fp16, or convert "
                              f"the checkpoint without --target gpu for the CPU")
-        return "cpu", "fp32"
+        return "cpu", precision  # config.choose_precision decides auto / bf16 / int8 from gates and CPU
     if device != "gpu":
         raise ValueError(f"--device must be cpu or gpu, got {device!r}")
     if precision not in ("auto", "fp16"):

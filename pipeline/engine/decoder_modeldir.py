@@ -60,6 +60,15 @@ class SpecialTokens:
 
 
 @dataclass(frozen=True)
+class DecoderQuantization:
+    """model.json "quantization" of an int8 decoder directory (`quantize` on a decoder)."""
+
+    onednn_int8_ops: tuple[str, ...]  # the op types Paddle runs int8 (`enable_mkldnn_int8`)
+    gate_passed: bool | None  # None until the gate ran
+    record: dict = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class DecoderModelInfo:
     path: Path
     name: str
@@ -78,6 +87,8 @@ class DecoderModelInfo:
     # model.json "gates": name (a precision, or "pruning") -> the generation gate's record against
     # the fp32 unpruned model (`convert/generation_gate.py`: "passed", "forced", the metrics).
     gates: dict = field(default_factory=dict, compare=False)
+    # model.json "quantization": the int8 record of a quantised copy (`quantize` on a decoder).
+    quantization: DecoderQuantization | None = None
     # Vocabulary-pruned models (`prune-vocab`): model.json "pruning" and the checked map of the
     # kept rows (model row -> full id); None for a full model.
     vocab_map: VocabMap | None = field(default=None, repr=False, compare=False)
@@ -165,7 +176,14 @@ def parse_decoder_meta(path: Path, meta: dict) -> DecoderModelInfo:
         checksum=str(meta.get("params_sha256", "")), program_revision=int(meta.get("program_revision", 1)),
         meta=meta, gates={str(k): dict(v) for k, v in (meta.get("gates") or {}).items()},
         vocab_map=_vocab_map(path, meta),
+        quantization=_quantization(meta["quantization"]) if "quantization" in meta else None,
     )
+
+
+def _quantization(q: dict) -> DecoderQuantization:
+    gate = q.get("gate")
+    return DecoderQuantization(onednn_int8_ops=tuple(q.get("onednn_int8_ops", ["fc"])),
+                               gate_passed=None if gate is None else bool(gate["passed"]), record=q)
 
 
 def _vocab_map(path: Path, meta: dict) -> VocabMap | None:

@@ -70,9 +70,16 @@ from pipeline.engine.paddle_env import import_inference
 paddle_infer = import_inference()
 from paddle.base import core  # noqa: E402 - after paddle_env has imported paddle
 
+from pipeline.engine.decoder_precision import (  # noqa: E402
+    DEFAULT_INT8_OPS,
+    apply_precision,
+    decode_ir_optim_default,
+    decode_precision_default,
+    params_file,
+    prepared_program,
+)
 from pipeline.engine.decoder_io import (  # noqa: E402
     DECODE_PROGRAM,
-    PARAMS_FILE,
     PREFILL_PROGRAM,
     decode_io,
     prefill_io,
@@ -92,7 +99,7 @@ class DecoderCacheFull(RuntimeError):
 
 
 def _config(program: Path, params: Path, threads: int, onednn: bool, ir_optim: bool,
-            onednn_cache_capacity: int) -> paddle_infer.Config:
+            onednn_cache_capacity: int, precision: str = "fp32", int8_ops: tuple[str, ...] = ()) -> paddle_infer.Config:
     config = paddle_infer.Config(str(program), str(params))
     config.switch_ir_optim(ir_optim)
     config.disable_gpu()
@@ -101,10 +108,26 @@ def _config(program: Path, params: Path, threads: int, onednn: bool, ir_optim: b
     if onednn:
         config.enable_mkldnn()
         config.set_mkldnn_cache_capacity(onednn_cache_capacity)
+        apply_precision(config, precision, int8_ops or DEFAULT_INT8_OPS)
     config.switch_use_feed_fetch_ops(False)
     config.switch_specify_input_names(True)
     config.disable_glog_info()
     return config
+
+
+def _create(program: Path, params: Path, threads: int, onednn: bool, ir_optim: bool, onednn_cache_capacity: int,
+            precision: str, int8_ops: tuple[str, ...], optimized_cache: Path | None):
+    """A predictor of `program`; bf16 from the program Paddle's passes made of it once and saved
+    in `optimized_cache` (decoder_precision.prepared_program: the bf16 passes take minutes)."""
+    ready = None
+    if precision == "bf16" and ir_optim and onednn and optimized_cache is not None:
+        from pipeline.engine.cpu import CpuFeatures
+
+        ready = prepared_program(program, params, precision, threads, optimized_cache, CpuFeatures.detect().isa)
+    if ready is not None:
+        return paddle_infer.create_predictor(_config(*ready, threads, onednn, False, onednn_cache_capacity))
+    return paddle_infer.create_predictor(_config(program, params, threads, onednn, ir_optim, onednn_cache_capacity,
+                                                 precision, int8_ops))
 
 
 class DecoderPredictor:
@@ -126,18 +149,29 @@ class DecoderPredictor:
     """
 
     def __init__(self, model_dir: Path | str, max_batch: int, max_len: int, *, threads: int = 1,
-                 onednn: bool = True, ir_optim: bool = True, decode_ir_optim: bool = False,
+                 onednn: bool = True, ir_optim: bool = True, decode_ir_optim: bool | None = None,
                  feed: str = "shared", block: int = 32,
                  onednn_cache_capacity: int = 64, group_prefill: bool = True,
-                 prefill_call_tokens: int = PREFILL_CALL_TOKENS):
+                 prefill_call_tokens: int = PREFILL_CALL_TOKENS, precision: str = "fp32",
+                 int8_ops: tuple[str, ...] = (), optimized_cache: Path | None = None,
+                 decode_precision: str | None = None):
         assert max_batch >= 1 and max_len >= 1 and block >= 1, (max_batch, max_len, block)
         assert feed in FEEDS, f"feed must be one of {FEEDS}, got {feed!r}"
+        assert precision == "fp32" or onednn, f"{precision} runs on oneDNN's kernels only"
         d = Path(model_dir)
-        params = d / PARAMS_FILE
-        self._prefill = paddle_infer.create_predictor(
-            _config(d / PREFILL_PROGRAM, params, threads, onednn, ir_optim, onednn_cache_capacity))
-        self._decode = paddle_infer.create_predictor(
-            _config(d / DECODE_PROGRAM, params, threads, onednn, decode_ir_optim, onednn_cache_capacity))
+        self.precision = precision
+        # bf16 and int8 are made by IR passes, so the decode program needs them there
+        # (engine/decoder_precision.py: what each precision runs, and its measured speed).
+        if decode_precision is None:
+            decode_precision = decode_precision_default(precision)
+        self.decode_precision = decode_precision
+        if decode_ir_optim is None:
+            decode_ir_optim = decode_ir_optim_default(decode_precision)
+        self._prefill, self._decode = (
+            _create(d / prog, params_file(d, prog), threads, onednn, ir, onednn_cache_capacity, prec, int8_ops,
+                    optimized_cache)
+            for prog, ir, prec in ((PREFILL_PROGRAM, ir_optim, precision),
+                                   (DECODE_PROGRAM, decode_ir_optim, decode_precision)))
 
         names = list(self._decode.get_input_names())
         self.num_layers = (len(names) - 3) // 2

@@ -63,6 +63,7 @@ class GeneratorSettings:
     onednn: bool = True
     batching: str = "continuous"  # see BATCHING and the module doc
     admit_min: int = ADMIT_MIN_DEFAULT  # continuous: free slots that start a prefill of newcomers
+    precision: str = "fp32"  # 'fp32' | 'bf16' | 'int8' (config.choose_precision decided it)
 
     def __post_init__(self) -> None:
         assert self.batching in BATCHING, f"batching must be one of {BATCHING}, got {self.batching!r}"
@@ -137,9 +138,13 @@ class Generator:
         self.max_len = s.max_prompt_tokens + s.decoding.max_new_tokens
         if backend is None:
             from pipeline.engine.decoder_predictor import DecoderPredictor
+            from pipeline.paths import cache_dir
 
             def backend(rows: int, max_len: int, threads: int) -> StepModel:
-                return DecoderPredictor(model.path, rows, max_len, threads=threads, onednn=s.onednn)
+                return DecoderPredictor(model.path, rows, max_len, threads=threads, onednn=s.onednn,
+                                        precision=s.precision,
+                                        int8_ops=model.quantization.onednn_int8_ops if model.quantization else (),
+                                        optimized_cache=cache_dir())
 
         self._free: queue.Queue = queue.Queue()
         for _ in range(s.streams):

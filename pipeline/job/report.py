@@ -199,7 +199,9 @@ def _generation_report(model, settings_dict: dict, files: list[Path], rows_read:
 def _format_generation_summary(report: dict, out_dir: Path) -> str:
     r, t, s = report["rows"], report["tokens"], report["seconds"]
     lines = [
-        f"model      {report['model']['name']} (generate, {report['model']['precision']})",
+        f"model      {report['model']['name']} (generate, "
+        f"{report.get('precision', {}).get('used', report['model']['precision'])}: "
+        f"{report.get('precision', {}).get('reason', 'as converted')})",
         f"rows       read {r['read']}  generated {r['generated']}  rejected {r['rejected']}",
         f"prompts    {t['prompt']} tokens in {t['batches']} batches, {t['prompt_padded']} with left padding "
         f"(+{100 * t['padding_overhead']:.1f}%), prefill computed {t['prefill_computed']} "
