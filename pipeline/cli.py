@@ -432,11 +432,22 @@ def _gate_decoder(args) -> int:
     return 0 if args.force else 1
 
 
+# Decoder int8 (convert/decoder_quantize.py) is unfinished: on the test decoder the PaddleSlim
+# programs lose their output names and the tied head becomes an int8 fc as well
+# (tests/engine/test_decoder_precision.py, xfail). Until it is finished `quantize` refuses
+# decoders rather than write a directory nobody has checked.
+DECODER_INT8_RUNS = False
+DECODER_INT8_BLOCKED = ("quantize does not support generation (decoder) models yet: the int8 decoder path is "
+                        "unfinished on Paddle 2.6.2 (README, Precision (generation)); use the fp32 model")
+
+
 def _quantize_decoder(args) -> int:
     from pipeline.convert import ConversionError
     from pipeline.convert.decoder_quantize import quantize_decoder
     from pipeline.convert.generation_gate import format_generation_gate
 
+    if not DECODER_INT8_RUNS:
+        raise ConversionError(DECODER_INT8_BLOCKED)
     dst, gate = quantize_decoder(args.model_dir, args.calib, args.out, force=args.force,
                                  max_loss_rate=args.max_loss_rate, threads=args.threads,
                                  gate_data=args.gate_data or (), max_new_tokens=args.max_new_tokens, name=args.name)

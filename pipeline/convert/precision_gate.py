@@ -43,11 +43,7 @@ def gate_precision(model_dir: str | Path, data: Sequence[str | Path], precision:
     info = load_model_info(model_dir)
     if not isinstance(info, ModelInfo) or info.precision != "fp32":
         raise ConversionError(f"{model_dir} is not an fp32 scoring model: bf16 is gated on the fp32 directory")
-    cpu = cpu or CpuFeatures.detect()
-    if not cpu.bf16:
-        raise ConversionError(f"this CPU ({cpu.model}, oneDNN ISA {cpu.isa}) has no bf16 kernels (AVX512_BF16 or "
-                              f"AMX): Paddle would run fp32 and the gate would prove nothing; gate on a CPU that "
-                              f"has them")
+    cpu = _bf16_cpu(cpu)
     files = list_input_files(data)
     rows = read_rows(files, columns)
     gate = evaluate_gate(info, info, rows, max_loss_rate, threads or len(os.sched_getaffinity(0)),
@@ -56,6 +52,17 @@ def gate_precision(model_dir: str | Path, data: Sequence[str | Path], precision:
               "data": [str(f) for f in files], "cpu": cpu.to_dict(), "pipeline_version": __version__}
     _record_gate(info.path, precision, record)
     return gate
+
+
+def _bf16_cpu(cpu: CpuFeatures | None) -> CpuFeatures:
+    """The CPU (detected unless given), refused when it has no bf16 kernels: a bf16 gate there
+    would compare fp32 with fp32."""
+    cpu = cpu or CpuFeatures.detect()
+    if not cpu.bf16:
+        raise ConversionError(f"this CPU ({cpu.model}, oneDNN ISA {cpu.isa}) has no bf16 kernels (AVX512_BF16 or "
+                              f"AMX): Paddle would run fp32 and the gate would prove nothing; gate on a CPU that "
+                              f"has them")
+    return cpu
 
 
 def _record_gate(folder: Path, precision: str, record: dict) -> None:
@@ -82,11 +89,7 @@ def gate_decoder_precision(model_dir: str | Path, data: Sequence[str | Path], pr
     info = load_model_info(model_dir)
     if not isinstance(info, DecoderModelInfo) or info.precision != "fp32":
         raise ConversionError(f"{model_dir} is not an fp32 decoder directory: bf16 is gated on the fp32 directory")
-    cpu = cpu or CpuFeatures.detect()
-    if not cpu.bf16:
-        raise ConversionError(f"this CPU ({cpu.model}, oneDNN ISA {cpu.isa}) has no bf16 kernels (AVX512_BF16 or "
-                              f"AMX): Paddle would run fp32 and the gate would prove nothing; gate on a CPU that "
-                              f"has them")
+    cpu = _bf16_cpu(cpu)
     files = list_input_files(data)
     # A previous failing record would refuse the bf16 run the gate needs: the new one replaces it.
     _drop_gate(info.path, precision)

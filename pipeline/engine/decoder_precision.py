@@ -147,15 +147,7 @@ def optimized_ops(program: Path, params: Path, precision: str, ir_optim: bool = 
 
 
 def program_ops(program: Path) -> dict[tuple[str, str], int]:
-    """{(op type, oneDNN data type): count} of a saved program."""
-    from paddle.base.proto import framework_pb2
+    """{(op type, oneDNN data type): count} of a saved program (the encoder's counter)."""
+    from pipeline.engine.predictor import program_ops as count_ops
 
-    desc = framework_pb2.ProgramDesc.FromString(Path(program).read_bytes())
-    counts: Counter = Counter()
-    for block in desc.blocks:
-        for op in block.ops:
-            if op.type in ("feed", "fetch"):
-                continue
-            kind = next((a.s for a in op.attrs if a.name == "mkldnn_data_type"), "-")
-            counts[(op.type, kind)] += 1
-    return dict(counts)
+    return count_ops(program)

@@ -244,14 +244,20 @@ def optimized_ops(info: ModelInfo, settings: PredictorSettings) -> dict[tuple[st
     """{(op type, oneDNN data type): count} of the program Paddle runs after its IR passes, for
     the README and the tests (which ops run bf16 or int8). Data type "-" for ops without one."""
     import tempfile
-    from collections import Counter
-
-    from paddle.base.proto import framework_pb2
 
     with tempfile.TemporaryDirectory() as d:
         paddle_infer.create_predictor(build_config(info, replace(settings, save_optimized_program_to=d)))
         program = next(p for p in Path(d).iterdir() if p.name.endswith(".pdmodel"))
-        desc = framework_pb2.ProgramDesc.FromString(program.read_bytes())
+        return program_ops(program)
+
+
+def program_ops(program: Path) -> dict[tuple[str, str], int]:
+    """{(op type, oneDNN data type): count} of a saved program ("-" for ops without a data type)."""
+    from collections import Counter
+
+    from paddle.base.proto import framework_pb2
+
+    desc = framework_pb2.ProgramDesc.FromString(Path(program).read_bytes())
     counts: Counter = Counter()
     for block in desc.blocks:
         for op in block.ops:

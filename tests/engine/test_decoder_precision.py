@@ -129,6 +129,7 @@ def test_bf16_prefill_runs_its_linears_in_bf16(tiny_decoder_dir):
     assert (p.precision, p.decode_precision) == ("bf16", "fp32")  # decode: fp32 without passes (measured faster)
 
 
+@pytest.mark.xfail(strict=True, reason='bf16 on the decoder fails in the RoPE elementwise_mul (broadcast mismatch) on Paddle 2.6.2; generate refuses bf16 (config.DECODER_BF16_RUNS)')
 def test_bf16_logits_stay_close_to_fp32(tiny_decoder_dir):
     if not HAS_BF16:
         pytest.skip("this CPU has no bf16 kernels (AVX512_BF16 or AMX)")
@@ -174,6 +175,7 @@ def tiny_int8_dir(tiny_decoder_dir, tmp_path_factory):
     return dst, done
 
 
+@pytest.mark.xfail(strict=True, reason='decoder int8 unfinished: the tied head becomes an int8 fc too; quantize refuses decoders (cli.DECODER_INT8_RUNS)')
 def test_int8_programs_quantize_every_linear_in_both_programs(tiny_int8_dir):
     """2 layers x 7 Linears get a zero bias (-> fc) in both programs; the decode program gets the
     prefill's quantize/dequantize pairs in front of its Linears (none elsewhere)."""
@@ -191,6 +193,7 @@ def test_int8_programs_quantize_every_linear_in_both_programs(tiny_int8_dir):
     assert 8 <= counts["decode.pdmodel"] == counts["prefill.pdmodel"] == done["decode_pairs_added"] <= 14, counts
 
 
+@pytest.mark.xfail(strict=True, reason='decoder int8 unfinished: the tied head becomes an int8 fc too; quantize refuses decoders (cli.DECODER_INT8_RUNS)')
 def test_int8_linears_run_as_int8_fc_ops(tiny_int8_dir):
     dst, _ = tiny_int8_dir
     for program in ("prefill.pdmodel", "decode.pdmodel"):
@@ -199,6 +202,7 @@ def test_int8_linears_run_as_int8_fc_ops(tiny_int8_dir):
         assert not any(t in ("quantize_linear", "dequantize_linear") for t, _ in ops), ops
 
 
+@pytest.mark.xfail(strict=True, reason="decoder int8 unfinished: PaddleSlim's program loses the output names; quantize refuses decoders (cli.DECODER_INT8_RUNS)")
 def test_int8_predictor_follows_the_fp32_model(tiny_decoder_dir, tiny_int8_dir):
     from pipeline.engine.decoder_predictor import DecoderPredictor
 
@@ -243,3 +247,12 @@ def test_a_failing_generation_gate_writes_no_int8_directory(tiny_decoder_dir, tm
     info = load_model_info(dst)
     assert info.precision == "int8" and info.quantization.gate_passed is False
     assert "did NOT pass" in choose_precision("auto", "cpu", info, CPUS["zen4"])[1]
+
+
+def test_quantize_refuses_decoders_while_int8_is_unfinished(tiny_decoder_dir, tmp_path, capsys):
+    from pipeline.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "hello"}\n', encoding="utf-8")
+    assert main(["quantize", str(tiny_decoder_dir), "--calib", str(prompts), "--out", str(tmp_path / "q")]) == 2
+    assert "does not support generation" in capsys.readouterr().err and not (tmp_path / "q").exists()
