@@ -155,14 +155,18 @@ def rename_outputs(program_file: Path, names: list[str]) -> None:
     existing = {v.name for b in desc.blocks for v in b.vars}
     clash = (set(names) & existing) - set(old)
     assert not clash, f"{program_file}: output names {sorted(clash)} are already variables"
-    mapping = dict(zip(old, names))
+    rename_variables(desc, dict(zip(old, names)))
+    program_file.write_bytes(desc.SerializeToString())
+
+
+def rename_variables(desc, mapping: dict[str, str]) -> None:
+    """Rename variables of a ProgramDesc everywhere: their declarations and every op slot."""
     for b in desc.blocks:
         for v in b.vars:
             v.name = mapping.get(v.name, v.name)
         for op in b.ops:
             for slot in (*op.inputs, *op.outputs):
                 slot.arguments[:] = [mapping.get(a, a) for a in slot.arguments]
-    program_file.write_bytes(desc.SerializeToString())
 
 
 def _save(layer, specs, prefix: Path, outputs: list[str]) -> None:

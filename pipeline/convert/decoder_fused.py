@@ -501,12 +501,9 @@ def _add_feed_fetch(block, feeds: list[str], fetches: list[str]) -> None:
 
 
 def _rename(desc, mapping: dict[str, str]) -> None:
-    for b in desc.blocks:
-        for v in b.vars:
-            v.name = mapping.get(v.name, v.name)
-        for op in b.ops:
-            for slot in (*op.inputs, *op.outputs):
-                slot.arguments[:] = [mapping.get(a, a) for a in slot.arguments]
+    from pipeline.convert.decoder_export import rename_variables
+
+    rename_variables(desc, mapping)
 
 
 def save_params(arrays: dict[str, np.ndarray], path: Path) -> None:
