@@ -418,8 +418,12 @@ def _gate(args) -> int:
 def _gate_decoder(args) -> int:
     """`gate` on a generation model: greedy outputs at fp32 and at --precision compared (ROUGE-L, BLEU)."""
     from pipeline.convert.generation_gate import format_generation_gate
+    from pipeline.config import DECODER_BF16_BLOCKED, DECODER_BF16_RUNS
+    from pipeline.convert import ConversionError
     from pipeline.convert.precision_gate import gate_decoder_precision
 
+    if args.precision == "bf16" and not DECODER_BF16_RUNS:  # a gate for a precision `generate` refuses
+        raise ConversionError(DECODER_BF16_BLOCKED)
     gate = gate_decoder_precision(args.model_dir, args.data, args.precision, args.max_loss_rate, args.threads,
                                   args.force, args.max_new_tokens)
     print(format_generation_gate(gate, args.precision))

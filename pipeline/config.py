@@ -392,7 +392,8 @@ def choose_precision(requested: str, device: str, info: ModelInfo | DecoderModel
     if bf16_gate:
         return "fp32", f"auto: fp32; the model passed the bf16 gate but {where} has no bf16 kernels"
     return "fp32", ("auto: fp32; no faster precision is gated for this model"
-                    + (" (bf16 would run here: gate it with `python -m pipeline gate`)" if cpu.bf16 else ""))
+                    + (" (bf16 would run here: gate it with `python -m pipeline gate`)"
+                       if cpu.bf16 and (DECODER_BF16_RUNS or not isinstance(info, DecoderModelInfo)) else ""))
 
 
 def _check_lengths(cfg: RunConfig, info: ModelInfo, pad_multiple: int) -> int:

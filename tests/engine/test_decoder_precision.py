@@ -256,3 +256,15 @@ def test_quantize_refuses_decoders_while_int8_is_unfinished(tiny_decoder_dir, tm
     prompts.write_text('{"id": "a", "prompt": "hello"}\n', encoding="utf-8")
     assert main(["quantize", str(tiny_decoder_dir), "--calib", str(prompts), "--out", str(tmp_path / "q")]) == 2
     assert "does not support generation" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_gate_refuses_decoder_bf16_while_generate_refuses_it(tiny_decoder_dir, tmp_path, capsys):
+    """No gate for a precision `generate` cannot run, and `auto` does not suggest one."""
+    from pipeline.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "hello", "reference": "hi"}\n', encoding="utf-8")
+    assert main(["gate", str(tiny_decoder_dir), "--precision", "bf16", "--data", str(prompts)]) == 2
+    assert "not available for generation" in capsys.readouterr().err
+    _, why = choose_precision("auto", "cpu", load_model_info(tiny_decoder_dir), CPUS["zen4"])
+    assert why.startswith("auto: fp32") and "gate it" not in why
