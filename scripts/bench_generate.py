@@ -48,6 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+from gen_driver import trim  # noqa: E402 - generated ids up to and including the first EOS
 
 SAMPLE = ROOT / "data" / "generate" / "prompts.jsonl"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
@@ -74,16 +76,6 @@ def versions() -> dict:
             out[p] = md.version(p)
         except md.PackageNotFoundError:
             out[p] = None
-    return out
-
-
-def trim(row, eos: int = EOS) -> list[int]:
-    """Generated ids up to and including the first EOS."""
-    out = []
-    for t in row:
-        out.append(int(t))
-        if t == eos:
-            break
     return out
 
 

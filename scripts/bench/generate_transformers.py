@@ -32,14 +32,7 @@ import sys
 import time
 import traceback
 
-
-def trim(row, eos: int) -> list[int]:
-    out = []
-    for t in row:
-        out.append(int(t))
-        if t == eos:
-            break
-    return out
+from gen_driver import trim  # this folder is on sys.path: the script runs from it
 
 
 def main() -> None:
