@@ -52,16 +52,31 @@ CALIB_PROMPTS = 32  # prompts fed to calibration, at most
 INSTALL_HINT = "int8 quantisation needs PaddleSlim: pip install -r requirements-quant.txt"
 
 
+def _vocab_rows(block) -> set[int]:
+    """The row counts of the embedding tables (lookup_table_v2 weights): a Linear this wide is the
+    output head."""
+    rows = set()
+    for op in block.ops:
+        if op.type in ("lookup_table_v2", "lookup_table", "embedding"):
+            v = block._find_var_recursive(op.input("W")[0])
+            if v is not None and len(v.shape) == 2:
+                rows.add(int(v.shape[0]))
+    return rows
+
+
 def weight_linears(block) -> list:
-    """The Linear matmul_v2 ops of a block (a `paddle.static` Block): a persistable 2-D weight as
-    Y, not transposed (the tied output head, trans_y, is left out)."""
+    """The decoder layers' Linear matmul_v2 ops of a block (a `paddle.static` Block): a persistable
+    2-D weight as Y, not transposed. The output head stays fp32 whichever way it was exported:
+    tied (trans_y on the embedding) or as its own [hidden, vocab] weight, because int8 logits
+    move greedy choices (the last attempt's failure) and the head is not a layer Linear."""
+    vocab = _vocab_rows(block)
     out = []
     for op in block.ops:
         if op.type != "matmul_v2" or op.attr("trans_x") or op.attr("trans_y"):
             continue
         y = op.input("Y")[0]
         v = block._find_var_recursive(y)
-        if v is not None and v.persistable and len(v.shape) == 2:
+        if v is not None and v.persistable and len(v.shape) == 2 and int(v.shape[1]) not in vocab:
             out.append(op)
     return out
 
@@ -282,8 +297,48 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
         write_model(dst, pre_bytes, keep, PREFILL_PROGRAM, PARAMS_FILE)
         (dst / DECODE_PROGRAM).write_bytes(dec_bytes)
         add_transpose_xshape(dst / PREFILL_PROGRAM)
+        # PaddleSlim saves its program with generated fetch names (save_infer_model/scale_i, a
+        # scale-by-1 op after each named output); the predictor fetches logits / present_* by name
+        fetch_named_outputs(dst / PREFILL_PROGRAM)
+        if fetch_names(dst / PREFILL_PROGRAM) != fetch_names(src / PREFILL_PROGRAM):
+            raise ConversionError(f"the int8 prefill program fetches {fetch_names(dst / PREFILL_PROGRAM)[:3]}..., "
+                                  f"the fp32 one {fetch_names(src / PREFILL_PROGRAM)[:3]}...")
     return {"linears_int8": linears, "zero_biases_added": counts, "decode_pairs_added": pairs,
             "calibration_seconds": round(calib_s, 1), "calibration_prompts": len(batches)}
+
+
+def fetch_names(program_file: Path) -> list[str]:
+    """The fetch targets of a saved program, in fetch order."""
+    from paddle.base.proto import framework_pb2
+
+    block = framework_pb2.ProgramDesc.FromString(Path(program_file).read_bytes()).blocks[0]
+    fetch = sorted((op for op in block.ops if op.type == "fetch"),
+                   key=lambda op: next(a.i for a in op.attrs if a.name == "col"))
+    return [next(i for i in op.inputs if i.parameter == "X").arguments[0] for op in fetch]
+
+
+def fetch_named_outputs(program_file: Path) -> None:
+    """Fetch the variables that `save_infer_model/scale_i` ops copy (scale 1, bias 0) and drop
+    those ops, so the program's outputs carry their own names again."""
+    from paddle.base.proto import framework_pb2
+
+    desc = framework_pb2.ProgramDesc.FromString(Path(program_file).read_bytes())
+    block = desc.blocks[0]
+    copies = {}
+    for i, op in enumerate(block.ops):
+        out = [a for o in op.outputs for a in o.arguments]
+        if op.type == "scale" and len(out) == 1 and out[0].startswith("save_infer_model/"):
+            copies[out[0]] = (i, next(x for x in op.inputs if x.parameter == "X").arguments[0])
+    for op in block.ops:
+        if op.type == "fetch":
+            slot = next(x for x in op.inputs if x.parameter == "X")
+            slot.arguments[:] = [copies[a][1] if a in copies else a for a in slot.arguments]
+    for i in sorted((i for i, _ in copies.values()), reverse=True):
+        del block.ops[i]
+    keep = [v for v in block.vars if v.name not in copies]
+    del block.vars[:]
+    block.vars.extend(keep)
+    Path(program_file).write_bytes(desc.SerializeToString())
 
 
 def _sha256(path: Path) -> str:
