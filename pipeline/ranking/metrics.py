@@ -174,7 +174,6 @@ def ranking_metrics(
     *,
     judgements: Judgements | None = None,
     recall_k: int | None = None,
-    per_query: dict | None = None,
 ) -> RankingMetrics:
     """MRR@k, NDCG@k (exponential and linear gain), PNR and, when `recall_k` is given,
     recall@recall_k of `score`, against the rows' `label` or, when given, against `judgements`
@@ -183,9 +182,6 @@ def ranking_metrics(
     Rows of queries without any judgement are ignored (their score may be NaN); every other row
     is ranked, so its score must not be NaN. Row labels must be NaN or finite and >= 0 (a
     negative gain would make NDCG meaningless, so it is rejected rather than clipped).
-
-    `per_query`, when given, receives the evaluated queries (`qid`, in order of first appearance)
-    and their NDCG@k with the exponential gain (`ndcg_at_10`), for the run report's distribution.
     """
     qid = _as_str_array("qid", qid)
     doc_id = _as_str_array("doc_id", doc_id)
@@ -257,11 +253,8 @@ def ranking_metrics(
     for name, gain_of in (("exp", _gain), ("linear", lambda r: r)):
         dcg = _dcg_by_group(group, n, rank, gain_of(relevance), k)
         ideal = _dcg_by_group(ideal_group, n, ideal_position, gain_of(ideal_relevance), k)
-        per_query_ndcg = np.divide(dcg, ideal, out=np.zeros(n), where=ideal > 0)
-        ndcg[name] = _mean_or_none(per_query_ndcg, defined)
-        if name == "exp" and per_query is not None:
-            _, first_rows = np.unique(group, return_index=True)
-            per_query.update(qid=qid[first_rows], ndcg_at_10=per_query_ndcg)
+        per_query = np.divide(dcg, ideal, out=np.zeros(n), where=ideal > 0)
+        ndcg[name] = _mean_or_none(per_query, defined)
 
     best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(best, group[relevant], rank[relevant])
