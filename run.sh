@@ -3,6 +3,7 @@
 # ./run.sh generate     generate for the embedded generation sample with the default model -> submit/generate/
 # ./run.sh rerank --queries Q --corpus C --candidates RUN [--qrels QRELS]   rerank retrieval candidates
 # ./run.sh ARGS...      python -m pipeline run ARGS... (or: convert ..., generate ..., a pipeline subcommand)
+# ./run.sh report OUT [--compare OTHER_OUT]   rebuild OUT/report.html (side by side with another run)
 # ./run.sh test [ARGS]  the test suite (pytest ARGS; with no test path given: all of tests/)
 # Runs from any folder: the paths you give (inputs, --out, --model, test paths) are relative to
 # your current folder; the defaults (data/, submit/, .cache/) are the repository's.
@@ -72,7 +73,7 @@ case "${1:-}" in
         cd "$ROOT"
         exec "$VENV/bin/python" -m pytest ${args[@]+"${args[@]}"}
         ;;
-    convert|gate|generate|prune-vocab|quantize|rerank|run)
+    convert|gate|generate|prune-vocab|quantize|report|rerank|run)
         ensure_venv run
         pipeline "$@"
         ;;

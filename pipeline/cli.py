@@ -671,7 +671,26 @@ def build_parser() -> argparse.ArgumentParser:
     _prune_parser(sub)
     _quantize_parser(sub)
     _gate_parser(sub)
+    _report_parser(sub)
     return parser
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="rebuild report.html of a finished run (optionally compared with another)",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("out", type=Path, help="the run's output folder (holds report.json)")
+    p.add_argument("--compare", type=Path, default=None, metavar="OTHER_OUT",
+                   help="another run's output folder: metric deltas beside this run's page")
+
+
+def _report(args) -> int:
+    from pipeline.job.report_page import write_page
+
+    for d in (args.out, args.compare):
+        if d is not None and not (d / "report.json").is_file():
+            raise ConfigError(f"{d} holds no report.json: give the output folder of a finished run")
+    print(f"wrote {write_page(args.out, args.compare)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -686,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": _run, "rerank": _run, "generate": _generate, "convert": _convert, "prune-vocab": _prune, "quantize": _quantize,
-                "gate": _gate}[args.command](args)
+                "gate": _gate, "report": _report}[args.command](args)
     except Cancelled:
         print(f"interrupted: the windows finished so far are committed in {args.out / '.partial'}; "
               f"run the same command with --resume to continue", file=sys.stderr)

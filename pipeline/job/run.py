@@ -94,6 +94,9 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
                                "cpu": {**cpu.to_dict(), "onednn_isa": isa.result() if isa else None}}
         store.write_report(report)
         store.publish()
+        from pipeline.job.report_page import write_page  # matplotlib: imported only when a run has finished
+
+        write_page(cfg.out_dir)  # from the published files, as `pipeline report OUT` rebuilds it
     except (InputError, ConfigError, BackendUnavailable):
         store.discard()  # a file-level or settings problem: nothing worth resuming
         raise

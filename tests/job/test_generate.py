@@ -58,7 +58,7 @@ def test_outputs_layout_accounting_and_metrics(tiny_decoder_dir, prompts, tmp_pa
     info = load_model_info(tiny_decoder_dir)
     report = run(cfg_for([src], out), info)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["generations.jsonl", "predictions.tsv", "rejects.tsv", "report.json", "submission.zip"])
+        ["generations.jsonl", "predictions.tsv", "rejects.tsv", "report.html", "report.json", "submission.zip"])
     r = report["rows"]
     assert (r["read"], r["generated"], r["rejected"]) == (34, 30, 4)
     rejects = (out / "rejects.tsv").read_text().splitlines()

@@ -1,0 +1,282 @@
+"""report.html: one self-contained page per run, built from the run's published files (no paddle).
+
+Inputs are what a finished run leaves in OUT: report.json, rejects.tsv and, for scoring,
+ranked.tsv, for generation generations.jsonl. So `python -m pipeline report OUT` rebuilds the
+page of any finished (or resumed) run, and `--compare OTHER_OUT` puts two runs side by side.
+
+Self-contained: inline CSS and inline SVG charts (matplotlib, Agg backend), no script or font
+from the network. Size is bounded whatever the run's size: charts summarise every row, tables
+hold at most `MAX_TABLE_ROWS` rows (the worst first), texts are cut at `MAX_TEXT` characters,
+so the page stays under `SIZE_LIMIT_BYTES` (2 MB) for a million-row run.
+
+Every number taken from report.json sits in an element with `data-key="<dotted path>"` and
+`data-value="<the JSON value>"`, so tests compare the page with report.json exactly.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+SIZE_LIMIT_BYTES = 2_000_000
+MAX_TABLE_ROWS = 50
+MAX_TEXT = 400
+_HIST_SAMPLE = 200_000  # scores kept for the histogram (evenly spaced over the ranking)
+
+_CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;
+vertical-align:top}th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
+.chart svg{max-width:100%;height:auto}.bad{color:#b00}details{margin:.3em 0}.cols{display:flex;gap:2em}"""
+
+# Marks the page as rendered and records script errors in the DOM (the browser test reads both).
+_SCRIPT = """<script>window.onerror=function(m){var e=document.getElementById('script-errors');
+e.textContent+=m+'\\n';};document.addEventListener('DOMContentLoaded',function(){
+document.body.setAttribute('data-rendered',document.querySelectorAll('.chart svg').length);});</script>"""
+
+
+def _esc(v) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + " ..."
+
+
+def _num(key: str, value) -> str:
+    """A number from report.json, tagged with its path and exact value."""
+    shown = "n/a" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+    return (f'<span data-key="{_esc(key)}" data-value="{_esc(json.dumps(value))}">{_esc(shown)}</span>')
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """`rows` are HTML already (escape text with _esc)."""
+    th = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    text = buf.getvalue()
+    return '<div class="chart">' + text[text.index("<svg"):] + "</div>"
+
+
+def _figure(width: float = 6.0, height: float = 2.6):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"  # text as text: smaller, and no embedded font
+    return plt.subplots(figsize=(width, height))
+
+
+def _bar_chart(labels: list[str], values: list[float], xlabel: str) -> str:
+    fig, ax = _figure(6, 0.3 * len(labels) + 0.8)
+    ax.barh(labels[::-1], values[::-1], color="#4878a8")
+    ax.set_xlabel(xlabel)
+    return _svg(fig)
+
+
+def _histogram(values, xlabel: str, bins: int = 30) -> str:
+    fig, ax = _figure()
+    ax.hist(values, bins=bins, color="#4878a8")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return _svg(fig)
+
+
+def _line_chart(xs, ys, xlabel: str, ylabel: str) -> str:
+    fig, ax = _figure()
+    ax.plot(xs, ys, color="#4878a8", marker="." if len(xs) < 50 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _svg(fig)
+
+
+def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    if not path.is_file():
+        return [], []
+    with open(path, encoding="utf-8") as f:
+        head = f.readline().rstrip("\n").split("\t")
+        return head, [line.rstrip("\n").split("\t") for line in f]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _accounting(report: dict, done_key: str) -> str:
+    rows = [[_esc(f["file"]), _num(f"files.{i}.rows_read", f["rows_read"]),
+             _num(f"files.{i}.{done_key}", f[done_key]), _num(f"files.{i}.rows_rejected", f["rows_rejected"])]
+            for i, f in enumerate(report["files"])]
+    r = report["rows"]
+    done = "generated" if done_key == "rows_generated" else "scored"
+    rows.append(["<b>all</b>", _num("rows.read", r["read"]), _num(f"rows.{done}", r[done]),
+                 _num("rows.rejected", r["rejected"])])
+    return "<h2>Rows</h2>" + _table(["file", "read", done, "rejected"], rows)
+
+
+def _rejects(out_dir: Path) -> str:
+    head, rows = _read_tsv(out_dir / "rejects.tsv")
+    if not rows:
+        return "<h2>Rejects</h2><p>none</p>"
+    reason_at = head.index("reason")
+    by_reason = Counter(r[reason_at] for r in rows)
+    example = {}
+    for r in rows:
+        example.setdefault(r[reason_at], r)
+    table = [[_esc(_cut(reason)), f'<span class="num">{n}</span>',
+              _esc(f"{example[reason][0]}:{example[reason][1]} ({example[reason][3] if len(head) > 4 else example[reason][2]})")]
+             for reason, n in by_reason.most_common(10)]
+    return ("<h2>Rejects</h2>" + f"<p>{len(rows)} rejected rows, {len(by_reason)} reasons; the top ten with an example "
+            "(file:line, id). All of them: rejects.tsv.</p>" + _table(["reason", "rows", "example"], table))
+
+
+def _timing(report: dict) -> str:
+    secs = {k: v for k, v in report["seconds"].items() if k != "total"}
+    chart = _bar_chart(list(secs), list(secs.values()), "seconds")
+    total = _num("seconds.total", report["seconds"]["total"])
+    cells = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{_num('seconds.' + k, v)}</td></tr>" for k, v in secs.items())
+    return (f"<h2>Time per stage</h2><p>total {total} s (stages overlap: reading and tokenizing run beside the "
+            f"model)</p><div class=cols>{chart}<table>{cells}</table></div>")
+
+
+def _settings_and_model(report: dict) -> str:
+    model = _table(["field", "value"], [[_esc(k), _esc(v)] for k, v in report["model"].items()])
+    settings = _table(["setting", "value"], [[_esc(k), _esc(v)] for k, v in report["settings"].items()])
+    precision = report.get("precision", {})
+    return (f"<h2>Model and settings</h2><p>precision {_esc(precision.get('used', ''))}: "
+            f"{_esc(precision.get('reason', ''))}</p><div class=cols>{model}{settings}</div>")
+
+
+def _metrics(report: dict) -> str:
+    m = report.get("metrics")
+    if not m:
+        return "<h2>Metrics</h2><p>none (no labels or references)</p>"
+    rows = [[_esc(k), _num(f"metrics.{k}", v)] for k, v in m.items() if isinstance(v, (int, float)) or v is None]
+    return "<h2>Metrics</h2>" + _table(["metric", "value"], rows)
+
+
+def _scoring_sections(report: dict, out_dir: Path) -> list[str]:
+    t = report["tokens"]
+    out = [_accounting(report, "rows_scored"), _rejects(out_dir), _timing(report),
+           f"<h2>Throughput and padding</h2><p>{_num('rows_per_second', report['rows_per_second'])} rows/s, "
+           f"{_num('tokens_per_second', report['tokens_per_second'])} tokens/s; {_num('tokens.real', t['real'])} real "
+           f"tokens, {_num('tokens.padded', t['padded'])} padded (padding overhead "
+           f"{_num('tokens.padding_overhead', t['padding_overhead'])}) in {_num('tokens.batches', t['batches'])} "
+           f"batches</p>"]
+    head, rows = _read_tsv(out_dir / "ranked.tsv")
+    if rows:
+        score_at = head.index("score")
+        step = max(1, len(rows) // _HIST_SAMPLE)
+        scores = [float(r[score_at]) for r in rows[::step]]
+        out.append(f"<h2>Score distribution</h2><p>{len(rows)} scored pairs"
+                   + (f" (every {step}th in the chart)" if step > 1 else "") + "</p>" + _histogram(scores, "score"))
+    out.append(_metrics(report))
+    return out
+
+
+def _generation_sections(report: dict, out_dir: Path) -> list[str]:
+    t = report["tokens"]
+    out = [_accounting(report, "rows_generated"), _rejects(out_dir), _timing(report),
+           f"<h2>Speed and padding</h2><p>{_num('generated_tokens_per_second', report['generated_tokens_per_second'])}"
+           f" generated tokens/s, {_num('rows_per_second', report['rows_per_second'])} rows/s; "
+           f"{_num('tokens.generated', t['generated'])} generated tokens in {_num('tokens.candidates', t['candidates'])}"
+           f" candidates; prompt padding overhead {_num('tokens.padding_overhead', t['padding_overhead'])}</p>"]
+    rows = _read_generations(out_dir / "generations.jsonl")
+    if rows:
+        lengths = [c["num_tokens"] for r in rows for c in r["candidates"][:1]]
+        reasons = Counter(c["finish_reason"] for r in rows for c in r["candidates"])
+        out.append("<h2>Output length and finish reasons</h2><div class=cols>"
+                   + _histogram(lengths, "tokens of the best candidate", bins=20)
+                   + _bar_chart(list(reasons), list(reasons.values()), "candidates") + "</div>")
+    out.append(_metrics(report))
+    if rows:
+        out.append(_generation_sample(rows))
+    return out
+
+
+def _read_generations(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _generation_sample(rows: list[dict]) -> str:
+    """Rows with references, worst ROUGE-L of the best candidate first; at most MAX_TABLE_ROWS."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scored = []
+    for r in rows:
+        refs = [x for x in r.get("references", []) if x and x.strip()]
+        best = r["candidates"][0]["text"] if r["candidates"] else ""
+        scored.append((scorer.score_multi(refs, best)["rougeL"].fmeasure if refs else None, r))
+    scored.sort(key=lambda x: (x[0] is None, x[0] if x[0] is not None else 0.0))
+    parts = []
+    for rouge, r in scored[:MAX_TABLE_ROWS]:
+        cands = _table(["#", "score", "finish", "text"],
+                       [[str(i + 1), f"{c['score']:.3f}", _esc(c["finish_reason"]), _esc(_cut(c["text"]))]
+                        for i, c in enumerate(r["candidates"])])
+        refs = "".join(f"<li>{_esc(_cut(x))}</li>" for x in r.get("references", []))
+        shown = "n/a" if rouge is None else f"{rouge:.3f}"
+        parts.append(f'<details class="sample" data-id="{_esc(r["id"])}"><summary>{_esc(r["id"])}: ROUGE-L {shown}'
+                     f" - {_esc(_cut(r['candidates'][0]['text'] if r['candidates'] else ''))[:120]}</summary>"
+                     f"{cands}<p>references</p><ul>{refs}</ul></details>")
+    return (f"<h2>Sample of rows</h2><p>{min(len(rows), MAX_TABLE_ROWS)} of {len(rows)} rows, worst ROUGE-L first "
+            "(click a row for its ranked candidates and references)</p>" + "".join(parts))
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _flat_metrics(report: dict) -> dict[str, float]:
+    return {k: v for k, v in (report.get("metrics") or {}).items() if isinstance(v, (int, float))}
+
+
+def _compare_section(report: dict, other: dict, other_dir: Path) -> str:
+    a, b = _flat_metrics(report), _flat_metrics(other)
+    rows = [[_esc(k), f"{a[k]:.4g}", f"{b[k]:.4g}",
+             f'<span data-key="delta.{_esc(k)}" data-value="{a[k] - b[k]!r}">{a[k] - b[k]:+.4g}</span>']
+            for k in a if k in b]
+    speed = "rows_per_second"
+    rows.append([speed, f"{report[speed]:.4g}", f"{other[speed]:.4g}", f"{report[speed] - other[speed]:+.4g}"])
+    return (f"<h2>Compared with {_esc(other_dir)}</h2>"
+            + _table(["metric", "this run", "other run", "difference"], rows))
+
+
+# --------------------------------------------------------------------------- page
+
+
+def build_page(out_dir: Path, compare_dir: Path | None = None) -> str:
+    out_dir = Path(out_dir)
+    report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+    task = report.get("task", "scoring")
+    title = f"{task} run: {report['model']['name']}, {report['started_at']}"
+    sections = (_generation_sections if task == "generate" else _scoring_sections)(report, out_dir)
+    if compare_dir is not None:
+        other = json.loads((Path(compare_dir) / "report.json").read_text(encoding="utf-8"))
+        sections.insert(0, _compare_section(report, other, Path(compare_dir)))
+    sections.append(_settings_and_model(report))
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>{_CSS}</style>"
+            f"{_SCRIPT}</head><body data-task='{_esc(task)}'><h1>{_esc(title)}</h1>"
+            f"<pre id='script-errors' class='bad'></pre>" + "".join(sections) + "</body></html>")
+
+
+def write_page(out_dir: Path, compare_dir: Path | None = None) -> Path:
+    """Write OUT/report.html (atomically) and return its path."""
+    text = build_page(out_dir, compare_dir)
+    path = Path(out_dir) / "report.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,140 @@
+"""report.html (pipeline/job/report_page.py): built by every run from its published files, its
+numbers equal report.json's, it stays small, `pipeline report OUT --compare OTHER` rebuilds it,
+and a headless Chromium renders it from disk with the network off."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import REPO_ROOT
+from pipeline.job.report_page import SIZE_LIMIT_BYTES, build_page
+from tests.sample_data import sample_rows, write_tsv
+
+ARTEFACTS = REPO_ROOT / "test-artefacts"  # git-ignored: screenshots of the browser test
+
+
+class _Tagged(HTMLParser):
+    """Every element's data-key -> data-value, and the count of chart SVGs."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: dict[str, list] = {}
+        self.svgs = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "data-key" in a:
+            self.values.setdefault(a["data-key"], []).append(json.loads(a["data-value"]))
+        self.svgs += tag == "svg"
+
+
+def _lookup(report: dict, key: str):
+    v = report
+    for part in key.split("."):
+        v = v[int(part)] if isinstance(v, list) else v[part]
+    return v
+
+
+def _check_numbers(out: Path) -> _Tagged:
+    report = json.loads((out / "report.json").read_text())
+    page = _Tagged()
+    page.feed((out / "report.html").read_text())
+    assert page.values, "no tagged numbers on the page"
+    for key, values in page.values.items():
+        if key.startswith("delta."):
+            continue
+        assert all(v == _lookup(report, key) for v in values), key
+    return page
+
+
+@pytest.fixture(scope="module")
+def scoring_run(tiny_cross_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    rows = sample_rows(12)
+    data = write_tsv(tmp / "in.tsv", rows, extra_lines=["qX\t\tdX\tsome doc\t1", "qZ\tonly three\tfields"])
+    out = tmp / "out"
+    assert main(["run", str(data), "--model", str(tiny_cross_dir), "--out", str(out), "--no-progress",
+                 "--workers", "0"]) == 0
+    return out
+
+
+def test_scoring_page_numbers_equal_report_json(scoring_run):
+    page = _check_numbers(scoring_run)
+    for key in ("rows.read", "rows.scored", "rows.rejected", "seconds.total", "metrics.ndcg_at_10",
+                "tokens.padding_overhead", "rows_per_second"):
+        assert key in page.values, key
+    assert page.svgs >= 2  # time per stage, score distribution
+    text = (scoring_run / "report.html").read_text()
+    assert "empty" in text.lower() or "reason" in text  # the reject reasons table
+    assert (scoring_run / "report.html").stat().st_size < SIZE_LIMIT_BYTES
+
+
+def test_page_has_no_network_references(scoring_run):
+    text = (scoring_run / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "<link" not in text and "@import" not in text and not re.search(r"url\(\s*['\"]?https?:", text)
+
+
+def test_report_command_rebuilds_and_compares(scoring_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(scoring_run, other)
+    (other / "report.html").unlink()
+    assert main(["report", str(other), "--compare", str(scoring_run)]) == 0
+    page = _check_numbers(other)
+    assert page.values["delta.ndcg_at_10"] == [0.0]
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_generation_page_numbers_equal_report_json(tiny_decoder_dir, tmp_path):
+    from pipeline.engine.modeldir import load_model_info
+    from pipeline.job.run import run
+    from tests.job.test_generate import cfg_for, write_prompts
+
+    src = write_prompts(tmp_path / "in.jsonl", 12)
+    out = tmp_path / "out"
+    run(cfg_for([src], out), load_model_info(tiny_decoder_dir))
+    page = _check_numbers(out)
+    assert {"rows.generated", "generated_tokens_per_second", "metrics.rouge_l"} <= set(page.values)
+    assert page.svgs >= 3  # stages, output lengths, finish reasons
+    assert (out / "report.html").read_text().count('class="sample"') == 12
+
+
+def test_a_large_run_stays_under_the_size_limit(tmp_path):
+    """A synthetic 1,000,000-pair run's files: the page summarises, it does not list rows."""
+    out = tmp_path / "big"
+    out.mkdir()
+    report = json.loads((Path(__file__).parent / "report_fixture.json").read_text())
+    report["rows"] = {"read": 1_000_000, "scored": 1_000_000, "rejected": 0}
+    (out / "report.json").write_text(json.dumps(report))
+    with open(out / "ranked.tsv", "w") as f:
+        f.write("qid\tdoc_id\trank\tscore\n")
+        f.writelines(f"q{i // 10}\td{i}\t{i % 10 + 1}\t{(i * 7919 % 1000) / 1000}\n" for i in range(1_000_000))
+    assert len(build_page(out).encode()) < SIZE_LIMIT_BYTES
+
+
+def test_chromium_renders_the_page_offline(scoring_run):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("PIPELINE_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is not installed, and PIPELINE_REQUIRE_BROWSER=1 requires the browser test")
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    page = (scoring_run / "report.html").resolve()
+    ARTEFACTS.mkdir(exist_ok=True)
+    shot = ARTEFACTS / "report-scoring.png"
+    offline = ["--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
+               "--proxy-bypass-list=<-loopback>", "--user-data-dir=" + str(scoring_run.parent / "chromium-profile")]
+    dom = subprocess.run([chromium, *offline, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=20).stdout
+    assert re.search(r'data-rendered="[1-9]', dom), "the page's script did not run to the end"
+    assert re.search(r'<pre id="script-errors" class="bad"></pre>', dom), "script errors on the page"
+    subprocess.run([chromium, *offline, "--window-size=1200,1800", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=20)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
