@@ -218,7 +218,7 @@ def _format_generation_summary(report: dict, out_dir: Path) -> str:
                      f"({m['rows_with_reference']} rows with references)")
     if r["rejected"]:
         lines.append(f"rejects    {r['rejected']} rows, reasons in {out_dir / 'rejects.tsv'}")
-    lines.append(f"outputs    {out_dir}/ (generations.jsonl, predictions.tsv, rejects.tsv, report.json, submission.zip)")
+    lines.append(f"outputs    {out_dir}/ (generations.jsonl, predictions.tsv, rejects.tsv, report.json, report.html, submission.zip)")
     return "\n".join(lines)
 
 
@@ -253,7 +253,7 @@ def format_summary(report: dict, out_dir: Path) -> str:
                      f"(ranked, not relevant){missing}")
     if r["rejected"]:
         lines.append(f"rejects    {r['rejected']} rows, reasons in {out_dir / 'rejects.tsv'}")
-    lines.append(f"outputs    {out_dir}/ (ranked.tsv, run.trec, predictions.tsv, report.json, submission.zip)")
+    lines.append(f"outputs    {out_dir}/ (ranked.tsv, run.trec, predictions.tsv, rejects.tsv, report.json, report.html, submission.zip)")
     return "\n".join(lines)
 
 
