@@ -147,16 +147,20 @@ def rename_outputs(program_file: Path, names: list[str]) -> None:
     """Give a saved program's fetch targets `names`, in fetch order (the variables are renamed in
     every op that reads or writes them)."""
     desc = framework_pb2.ProgramDesc.FromString(program_file.read_bytes())
-    block = desc.blocks[0]
-    fetch = sorted((op for op in block.ops if op.type == "fetch"),
-                   key=lambda op: next(a.i for a in op.attrs if a.name == "col"))
-    assert len(fetch) == len(names), f"{program_file}: {len(fetch)} outputs, {len(names)} names"
-    old = [next(i for i in op.inputs if i.parameter == "X").arguments[0] for op in fetch]
+    old = fetch_names(desc)
+    assert len(old) == len(names), f"{program_file}: {len(old)} outputs, {len(names)} names"
     existing = {v.name for b in desc.blocks for v in b.vars}
     clash = (set(names) & existing) - set(old)
     assert not clash, f"{program_file}: output names {sorted(clash)} are already variables"
     rename_variables(desc, dict(zip(old, names)))
     program_file.write_bytes(desc.SerializeToString())
+
+
+def fetch_names(desc) -> list[str]:
+    """The fetch targets of a ProgramDesc, in fetch order."""
+    fetch = sorted((op for op in desc.blocks[0].ops if op.type == "fetch"),
+                   key=lambda op: next(a.i for a in op.attrs if a.name == "col"))
+    return [next(i for i in op.inputs if i.parameter == "X").arguments[0] for op in fetch]
 
 
 def rename_variables(desc, mapping: dict[str, str]) -> None:

@@ -300,21 +300,19 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
         # PaddleSlim saves its program with generated fetch names (save_infer_model/scale_i, a
         # scale-by-1 op after each named output); the predictor fetches logits / present_* by name
         fetch_named_outputs(dst / PREFILL_PROGRAM)
-        if fetch_names(dst / PREFILL_PROGRAM) != fetch_names(src / PREFILL_PROGRAM):
-            raise ConversionError(f"the int8 prefill program fetches {fetch_names(dst / PREFILL_PROGRAM)[:3]}..., "
-                                  f"the fp32 one {fetch_names(src / PREFILL_PROGRAM)[:3]}...")
+        got, want = _fetch_names(dst / PREFILL_PROGRAM), _fetch_names(src / PREFILL_PROGRAM)
+        if got != want:
+            raise ConversionError(f"the int8 prefill program fetches {got[:3]}..., the fp32 one {want[:3]}...")
     return {"linears_int8": linears, "zero_biases_added": counts, "decode_pairs_added": pairs,
             "calibration_seconds": round(calib_s, 1), "calibration_prompts": len(batches)}
 
 
-def fetch_names(program_file: Path) -> list[str]:
-    """The fetch targets of a saved program, in fetch order."""
+def _fetch_names(program_file: Path) -> list[str]:
     from paddle.base.proto import framework_pb2
 
-    block = framework_pb2.ProgramDesc.FromString(Path(program_file).read_bytes()).blocks[0]
-    fetch = sorted((op for op in block.ops if op.type == "fetch"),
-                   key=lambda op: next(a.i for a in op.attrs if a.name == "col"))
-    return [next(i for i in op.inputs if i.parameter == "X").arguments[0] for op in fetch]
+    from pipeline.convert.decoder_export import fetch_names
+
+    return fetch_names(framework_pb2.ProgramDesc.FromString(Path(program_file).read_bytes()))
 
 
 def fetch_named_outputs(program_file: Path) -> None:

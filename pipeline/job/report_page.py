@@ -213,14 +213,10 @@ def _read_generations(path: Path) -> list[dict]:
 
 def _generation_sample(rows: list[dict]) -> str:
     """Rows with references, worst ROUGE-L of the best candidate first; at most MAX_TABLE_ROWS."""
-    from rouge_score import rouge_scorer
+    from pipeline.tasks.text_metrics import rouge_l_per_row
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scored = []
-    for r in rows:
-        refs = [x for x in r.get("references", []) if x and x.strip()]
-        best = r["candidates"][0]["text"] if r["candidates"] else ""
-        scored.append((scorer.score_multi(refs, best)["rougeL"].fmeasure if refs else None, r))
+    best = [r["candidates"][0]["text"] if r["candidates"] else "" for r in rows]
+    scored = list(zip(rouge_l_per_row(best, [r.get("references", []) for r in rows]), rows))
     scored.sort(key=lambda x: (x[0] is None, x[0] if x[0] is not None else 0.0))
     parts = []
     for rouge, r in scored[:MAX_TABLE_ROWS]:

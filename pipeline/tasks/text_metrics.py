@@ -57,8 +57,7 @@ def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> di
     bleu_score = bleu.corpus_score(hyps, streams)
     chrf_score = chrf.corpus_score(hyps, streams)
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score_multi(refs, h)["rougeL"].fmeasure for h, refs in rows]
+    rouge = rouge_l_per_row(hyps, [refs for _, refs in rows])
 
     return {"rows_with_reference": len(rows),
             "bleu": float(bleu_score.score),
@@ -66,3 +65,11 @@ def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> di
             "rouge_l": float(sum(rouge) / len(rouge)),
             "bleu_signature": str(bleu.get_signature()),
             "chrf_signature": str(chrf.get_signature())}
+
+
+def rouge_l_per_row(hypotheses: list[str], references: list[list[str | None]]) -> list[float | None]:
+    """ROUGE-L F1 of each hypothesis against its best-matching reference (`score_multi`); None
+    for a row without a (non-blank) reference."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score_multi(refs, h)["rougeL"].fmeasure if refs else None
+            for h, refs in zip(hypotheses, map(_usable, references))]
