@@ -360,7 +360,8 @@ def _quantize_parser(sub) -> None:
                    help="K input channels with the largest ranges per Linear kind go through an fp32 side path, "
                         "e.g. qkv=8,ffn_in=8,ffn_out=4 (default: the method's)")
     p.add_argument("--fp32-linears", default=None, metavar="NAME,...",
-                   help="single Linears kept fp32 within the int8 kinds, e.g. layer0.ffn_out (default: none)")
+                   help="single Linears kept fp32 within the int8 kinds, e.g. layer0.ffn_out (default: none); decoders: "
+                        "`down` keeps every down_proj (FFN output) fp32")
     p.add_argument("--threads", type=int, default=None, help="predictor threads for the gate (default: core count)")
     p.add_argument("--name", default=None, help="model name recorded in model.json (default: SOURCE_NAME-int8)")
     p.add_argument("--force", action="store_true",
@@ -436,11 +437,10 @@ def _gate_decoder(args) -> int:
     return 0 if args.force else 1
 
 
-# Decoder int8 (convert/decoder_quantize.py): on the tiny test decoder both programs now run every
-# layer Linear as an int8 fc with the head fp32 and the outputs named (tests/engine/
-# test_decoder_precision.py), but it has not yet been gated or timed on SmolLM2-135M, so `quantize`
-# still refuses decoders rather than write a directory nobody has checked on the real model.
-DECODER_INT8_RUNS = False
+# Decoder int8 (convert/decoder_quantize.py): both programs run every layer Linear as an int8 fc
+# with the head fp32; `quantize` runs the generation gate on SmolLM2-135M and refuses a failing
+# model unless --force (README, Precision (generation); docs/benchmarks-generate.md "int8").
+DECODER_INT8_RUNS = True
 DECODER_INT8_BLOCKED = ("quantize does not support generation (decoder) models yet: the int8 decoder programs run "
                         "on the test decoder but are not yet gated on a real model (README, Precision "
                         "(generation)); use the fp32 model")
@@ -455,7 +455,8 @@ def _quantize_decoder(args) -> int:
         raise ConversionError(DECODER_INT8_BLOCKED)
     dst, gate = quantize_decoder(args.model_dir, args.calib, args.out, force=args.force,
                                  max_loss_rate=args.max_loss_rate, threads=args.threads,
-                                 gate_data=args.gate_data or (), max_new_tokens=args.max_new_tokens, name=args.name)
+                                 gate_data=args.gate_data or (), max_new_tokens=args.max_new_tokens, name=args.name,
+                                 fp32_linears=tuple(n.strip() for n in (args.fp32_linears or "").split(",") if n.strip()))
     print(format_generation_gate(gate, "int8"))
     if dst is None:
         raise ConversionError(f"the int8 decoder fails the quality gate, so {args.out} was not written; keep the "

@@ -64,11 +64,12 @@ def _vocab_rows(block) -> set[int]:
     return rows
 
 
-def weight_linears(block) -> list:
+def weight_linears(block, fp32_in: frozenset = frozenset()) -> list:
     """The decoder layers' Linear matmul_v2 ops of a block (a `paddle.static` Block): a persistable
     2-D weight as Y, not transposed. The output head stays fp32 whichever way it was exported:
     tied (trans_y on the embedding) or as its own [hidden, vocab] weight, because int8 logits
-    move greedy choices (the last attempt's failure) and the head is not a layer Linear."""
+    move greedy choices (the last attempt's failure) and the head is not a layer Linear. Linears whose
+    input width is in `fp32_in` stay fp32 too (the FFN output, down_proj: its input is the FFN width)."""
     vocab = _vocab_rows(block)
     out = []
     for op in block.ops:
@@ -76,17 +77,33 @@ def weight_linears(block) -> list:
             continue
         y = op.input("Y")[0]
         v = block._find_var_recursive(y)
-        if v is not None and v.persistable and len(v.shape) == 2 and int(v.shape[1]) not in vocab:
+        if (v is not None and v.persistable and len(v.shape) == 2 and int(v.shape[1]) not in vocab
+                and int(v.shape[0]) not in fp32_in):
             out.append(op)
     return out
 
 
-def add_zero_biases(program, params: dict[str, np.ndarray]) -> int:
+FP32_LINEAR_KINDS = ("down",)  # Linears `quantize --fp32-linears` can keep fp32
+
+
+def fp32_in_features(info: DecoderModelInfo, kinds: Sequence[str]) -> frozenset:
+    """The input widths of the Linear kinds kept fp32: down (the FFN output, down_proj) reads the
+    FFN width (intermediate_size), which no other Linear of a Llama block does."""
+    bad = set(kinds) - set(FP32_LINEAR_KINDS)
+    if bad:
+        raise ConversionError(f"--fp32-linears for decoders takes {', '.join(FP32_LINEAR_KINDS)}; got {sorted(bad)}")
+    ffn = int(info.architecture["intermediate_size"])
+    if "down" in kinds and ffn == info.hidden_size:
+        raise ConversionError("down_proj cannot be told from the other Linears (intermediate_size == hidden_size)")
+    return frozenset({ffn} if "down" in kinds else ())
+
+
+def add_zero_biases(program, params: dict[str, np.ndarray], fp32_in: frozenset = frozenset()) -> int:
     """matmul_v2(x, W) -> elementwise_add(matmul_v2(x, W), 0) for every Linear, so Paddle's fc
     fuse pass makes an fc of it; adds the zero biases to `params`; returns how many."""
     block = program.global_block()
     n = 0
-    for op in weight_linears(block):
+    for op in weight_linears(block, fp32_in):
         w = op.input("Y")[0]
         out = op.output("Out")[0]
         bias, raw = w + BIAS_SUFFIX, out + ".nobias"
@@ -113,15 +130,15 @@ def _quant_pairs(block) -> dict[str, tuple]:
     return pairs
 
 
-def keep_linear_pairs(program) -> dict[str, dict]:
+def keep_linear_pairs(program, fp32_in: frozenset = frozenset()) -> dict[str, dict]:
     """Drop the quantize/dequantize pairs that feed anything but a Linear (their readers read the
     fp32 tensor again); returns, per Linear weight, the pair in front of it: its Scale and
     ZeroPoint variable names and the ops' attributes."""
     block = program.global_block()
     pairs = _quant_pairs(block)
-    linears = {op.input("X")[0]: op for op in weight_linears(block)}
+    linears = {op.input("X")[0]: op for op in weight_linears(block, fp32_in)}
     by_weight: dict[str, dict] = {}
-    for op in weight_linears(block):
+    for op in weight_linears(block, fp32_in):
         x = op.input("X")[0]
         if x in pairs:
             q, dq = pairs[x]
@@ -148,14 +165,15 @@ def keep_linear_pairs(program) -> dict[str, dict]:
     return by_weight
 
 
-def add_linear_pairs(program, by_weight: dict[str, dict], scale_vars: dict[str, tuple]) -> int:
+def add_linear_pairs(program, by_weight: dict[str, dict], scale_vars: dict[str, tuple],
+                     fp32_in: frozenset = frozenset()) -> int:
     """Put a quantize/dequantize pair in front of every Linear of `program` whose weight has one in
     `by_weight` (shared by Linears reading the same input, as q, k, v do); `scale_vars` gives the
     shape and dtype of each Scale / ZeroPoint variable. Returns the pairs added."""
     block = program.global_block()
     done: dict[tuple[str, str], str] = {}  # (input, Scale variable) -> the dequantized input
     added = 0
-    for op in weight_linears(block):
+    for op in weight_linears(block, fp32_in):
         w = op.input("Y")[0]
         if w not in by_weight:
             continue
@@ -239,7 +257,8 @@ def _calibrate(src: Path, batches: list[dict[str, np.ndarray]], out: Path, weigh
         paddle.disable_static()
 
 
-def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarray]], dst: Path) -> dict:
+def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarray]], dst: Path,
+                        fp32_linears: Sequence[str] = ()) -> dict:
     """The int8 prefill and decode programs and their one params file in `dst` (see the module
     docstring); returns what was done."""
     import paddle
@@ -248,6 +267,7 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
     from pipeline.convert.smoothquant import read_params, write_model
 
     src = info.path
+    fp32_in = fp32_in_features(info, fp32_linears)
     params = read_params(src, PREFILL_PROGRAM, PARAMS_FILE)
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=dst.parent) as tmp:
         biased, calibrated = Path(tmp) / "biased", Path(tmp) / "calibrated"
@@ -256,7 +276,7 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
             programs, counts = {}, {}
             for name in (PREFILL_PROGRAM, DECODE_PROGRAM):
                 prog = paddle.static.Program.parse_from_string((src / name).read_bytes())
-                counts[name] = add_zero_biases(prog, params)
+                counts[name] = add_zero_biases(prog, params, fp32_in)
                 programs[name] = prog
             biased_bytes = {n: p.desc.serialize_to_string() for n, p in programs.items()}
         finally:
@@ -274,11 +294,11 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
         paddle.enable_static()
         try:
             pre = paddle.static.Program.parse_from_string((calibrated / PREFILL_PROGRAM).read_bytes())
-            by_weight = keep_linear_pairs(pre)
+            by_weight = keep_linear_pairs(pre, fp32_in)
             scale_vars = {v.name: (list(v.shape), v.dtype) for v in pre.list_vars()
                           if v.persistable and v.name not in ("feed", "fetch")}
             dec = paddle.static.Program.parse_from_string(biased_bytes[DECODE_PROGRAM])
-            pairs = add_linear_pairs(dec, by_weight, scale_vars)
+            pairs = add_linear_pairs(dec, by_weight, scale_vars, fp32_in)
             pre_bytes, dec_bytes = pre.desc.serialize_to_string(), dec.desc.serialize_to_string()
             persist = {n: sorted(v.name for v in p.list_vars() if v.persistable and v.name not in ("feed", "fetch"))
                        for n, p in ((PREFILL_PROGRAM, pre), (DECODE_PROGRAM, dec))}
@@ -303,7 +323,7 @@ def write_int8_programs(info: DecoderModelInfo, batches: list[dict[str, np.ndarr
         got, want = _fetch_names(dst / PREFILL_PROGRAM), _fetch_names(src / PREFILL_PROGRAM)
         if got != want:
             raise ConversionError(f"the int8 prefill program fetches {got[:3]}..., the fp32 one {want[:3]}...")
-    return {"linears_int8": linears, "zero_biases_added": counts, "decode_pairs_added": pairs,
+    return {"linears_int8": linears, "fp32_linears": list(fp32_linears), "zero_biases_added": counts, "decode_pairs_added": pairs,
             "calibration_seconds": round(calib_s, 1), "calibration_prompts": len(batches)}
 
 
@@ -349,7 +369,8 @@ def _sha256(path: Path) -> str:
 
 def quantize_decoder(model_dir: str | Path, calib: Sequence[str | Path], out: str | Path, *, force: bool = False,
                      max_loss_rate: float = 0.01, threads: int | None = None, gate_data: Sequence[str | Path] = (),
-                     max_new_tokens: int = 64, calib_prompts: int = CALIB_PROMPTS, name: str | None = None):
+                     max_new_tokens: int = 64, calib_prompts: int = CALIB_PROMPTS, name: str | None = None,
+                     fp32_linears: Sequence[str] = ()):
     """The gated int8 copy of an fp32 decoder directory; returns (out path, gate result)."""
     from pipeline.convert.generation_gate import GateCandidate, GateDecoding, gate_record, run_generation_gate
     from pipeline.engine.modeldir import load_model_info
@@ -373,11 +394,12 @@ def quantize_decoder(model_dir: str | Path, calib: Sequence[str | Path], out: st
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         batches = calibration_batches(info, files, calib_prompts)
-        done = write_int8_programs(info, batches, stage)
+        done = write_int8_programs(info, batches, stage, fp32_linears)
         shutil.copy2(info.tokenizer_file, stage / TOKENIZER_FILE)
         meta = {k: v for k, v in info.meta.items() if k not in ("gates", "validation")}
         meta.update(name=name or f"{info.name}-int8", precision="int8", params_sha256=_sha256(stage / PARAMS_FILE),
-                    quantization={"method": "paddleslim-ptq-abs_max, zero-bias fc, prefill scales shared with decode",
+                    quantization={"method": "paddleslim-ptq-abs_max, zero-bias fc, prefill scales shared with decode"
+                                    + (f", fp32: {','.join(fp32_linears)}" if fp32_linears else ""),
                                   "onednn_int8_ops": list(INT8_OPS), "source_path": str(model_dir.resolve()),
                                   "source_params_sha256": info.checksum, "calibration": {
                                       "files": [{"file": str(f), "sha256": _sha256(f)} for f in files], **done},

@@ -246,13 +246,60 @@ def test_a_failing_generation_gate_writes_no_int8_directory(tiny_decoder_dir, tm
     assert "did NOT pass" in choose_precision("auto", "cpu", info, CPUS["zen4"])[1]
 
 
-def test_quantize_refuses_decoders_while_int8_is_unfinished(tiny_decoder_dir, tmp_path, capsys):
-    from pipeline.cli import main
-
+def _gate_prompts(tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"id": "a", "prompt": "hello"}\n', encoding="utf-8")
-    assert main(["quantize", str(tiny_decoder_dir), "--calib", str(prompts), "--out", str(tmp_path / "q")]) == 2
-    assert "does not support generation" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": p, "reference": r}) + "\n" for i, (p, r) in
+                               enumerate([("hello there", "hi"), ("what is two plus two", "four")])), encoding="utf-8")
+    return prompts
+
+
+def test_quantize_cli_refuses_a_decoder_failing_the_gate_and_force_marks_it(tiny_decoder_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """`quantize DECODER_DIR` through the CLI: the real int8 programs are built; a failing gate exits 2
+    with nothing written, --force writes the directory with the failing record."""
+    pytest.importorskip("paddleslim")
+    import pipeline.convert.generation_gate as gg
+    from pipeline.cli import main
+    from pipeline.convert.generation_gate import compare_generations
+
+    failing = compare_generations(["a b c d"], ["x"], [["a b c d"]])
+
+    class FakeRun:
+        result = failing
+
+    monkeypatch.setattr(gg, "run_generation_gate", lambda *a, **k: FakeRun())
+    prompts, out = _gate_prompts(tmp_path), tmp_path / "q"
+    argv = ["quantize", str(tiny_decoder_dir), "--calib", str(prompts), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr()
+    assert "fails the quality gate" in err.err and "rouge_l" in err.out.lower() and not out.exists()
+    assert main(argv + ["--force"]) == 0
+    assert "FAILS the gate" in capsys.readouterr().out
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["precision"] == "int8" and meta["quantization"]["gate"]["passed"] is False
+    assert meta["quantization"]["gate"]["forced"] is True
+
+
+def test_quantize_cli_int8_decoder_end_to_end(tiny_decoder_dir, tmp_path, capsys):
+    """The real gate (fp32 and int8 greedy generations of the tiny decoder) through the CLI, then
+    `generate --precision auto` runs the int8 directory (shared decoder.pdiparams) as int8."""
+    pytest.importorskip("paddleslim")
+    from pipeline.cli import main
+    from pipeline.engine.decoder_precision import params_file
+
+    prompts, out = _gate_prompts(tmp_path), tmp_path / "q"
+    # the tiny random decoder's int8 outputs may or may not pass: --force writes it either way
+    assert main(["quantize", str(tiny_decoder_dir), "--calib", str(prompts), "--out", str(out), "--force",
+                 "--max-new-tokens", "4", "--threads", "1"]) == 0
+    gate = json.loads((out / "model.json").read_text())["quantization"]["gate"]
+    assert set(gate["loss_rate"]) == {"rouge_l", "bleu"} and gate["rows"] == 2, gate
+    assert params_file(out, "prefill.pdmodel") == params_file(out, "decode.pdmodel") == out / "decoder.pdiparams"
+    capsys.readouterr()
+    gen = tmp_path / "gen"
+    assert main(["generate", str(prompts), "--model", str(out), "--out", str(gen), "--max-new-tokens", "4",
+                 "--threads", "1"]) == 0
+    report = json.loads((gen / "report.json").read_text())
+    assert report["precision"]["used"] == "int8" and report["model"]["precision"] == "int8", report["precision"]
 
 
 def test_gate_refuses_decoder_bf16_while_generate_refuses_it(tiny_decoder_dir, tmp_path, capsys):
