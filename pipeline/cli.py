@@ -437,22 +437,13 @@ def _gate_decoder(args) -> int:
     return 0 if args.force else 1
 
 
-# Decoder int8 (convert/decoder_quantize.py): both programs run every layer Linear as an int8 fc
-# with the head fp32; `quantize` runs the generation gate on SmolLM2-135M and refuses a failing
-# model unless --force (README, Precision (generation); docs/benchmarks-generate.md "int8").
-DECODER_INT8_RUNS = True
-DECODER_INT8_BLOCKED = ("quantize does not support generation (decoder) models yet: the int8 decoder programs run "
-                        "on the test decoder but are not yet gated on a real model (README, Precision "
-                        "(generation)); use the fp32 model")
-
-
 def _quantize_decoder(args) -> int:
+    """Decoder int8 (convert/decoder_quantize.py): every layer Linear an int8 fc, the head fp32; the
+    generation gate refuses a failing model unless --force (README, Precision (generation))."""
     from pipeline.convert import ConversionError
     from pipeline.convert.decoder_quantize import quantize_decoder
     from pipeline.convert.generation_gate import format_generation_gate
 
-    if not DECODER_INT8_RUNS:
-        raise ConversionError(DECODER_INT8_BLOCKED)
     dst, gate = quantize_decoder(args.model_dir, args.calib, args.out, force=args.force,
                                  max_loss_rate=args.max_loss_rate, threads=args.threads,
                                  gate_data=args.gate_data or (), max_new_tokens=args.max_new_tokens, name=args.name,
