@@ -3,6 +3,10 @@
 - `predictions.tsv`: `qid \\t label \\t score` per scored pair, in input order (competition layout).
 - `rejects.tsv`: `file, line, row, qid, doc_id, reason` per rejected row, in input order.
 - `ranked.tsv`: `qid, doc_id, rank, score`, per qid by descending score (ties by doc_id).
+- `queries.tsv`: `qid, ndcg_at_10` per evaluated query (exponential gain), in ranking order;
+  only the header when the run has no metrics. With it, report.json's `queries` section: a
+  fixed-bin histogram of those values and the `WORST_QUERIES` lowest ones with their top
+  `WORST_TOP_DOCS` documents and labels (bounded, whatever the run's size; report.html shows it).
 - `run.trec`: the same ranking as a TREC run file. Its fields are separated by spaces, so an id
   that holds whitespace or `%` is written percent-encoded there (`trec_id`: each such character
   becomes `%XX` per UTF-8 byte, as in a URL; `a b` -> `a%20b`, `50%` -> `50%25`); every other
@@ -30,7 +34,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +43,17 @@ import pyarrow as pa
 from pipeline.cancel import CancelToken
 from pipeline.io.store import REJECT_COLUMNS, RunStore
 from pipeline.memory import release_free_memory
-from pipeline.ranking import RankingMetrics, combine_metrics, rank_per_query, ranking_metrics
+from pipeline.ranking import RankingMetrics, combine_metrics, rank_per_query
+from pipeline.ranking.metrics import ranking_metrics_per_query
 from pipeline.ranking.judgements import Judgements
 
 __all__ = ["QUERIES_PER_BUCKET", "RANKING_COLUMNS", "RankingOutputs", "format_label", "format_score", "trec_id",
            "write_ranking_outputs"]
 
 QUERIES_PER_BUCKET = 4096
+WORST_QUERIES = 20  # queries report.json lists with their top documents (lowest NDCG@10 first)
+WORST_TOP_DOCS = 10
+NDCG_BINS = 20  # equal bins over [0, 1] for report.json's per-query NDCG@10 histogram
 RANKING_COLUMNS = ("qid", "doc_id", "label", "score")  # what the committed table must hold
 SCRATCH = "buckets"
 _BUCKET_SCHEMA = pa.schema([("code", pa.int64()), ("qid", pa.string()), ("doc_id", pa.string()),
@@ -143,6 +151,16 @@ class RankingOutputs:
 
     metrics: RankingMetrics | None = None
     trec_escaped_rows: int = 0  # rows whose qid or doc_id run.trec holds percent-encoded (trec_id)
+    ndcg_counts: np.ndarray | None = None  # per-query NDCG@10 histogram (NDCG_BINS bins over [0, 1])
+    worst: list[dict] = field(default_factory=list)  # the WORST_QUERIES lowest NDCG@10 queries, top docs
+
+    def queries_section(self) -> dict | None:
+        """report.json's `queries`: bounded summary of the per-query NDCG@10 (None without metrics)."""
+        if self.ndcg_counts is None:
+            return None
+        return {"ndcg_at_10_bins": np.linspace(0.0, 1.0, NDCG_BINS + 1).tolist(),
+                "ndcg_at_10_counts": self.ndcg_counts.astype(int).tolist(),
+                "worst": self.worst, "file": "queries.tsv"}
 
 
 @dataclass(frozen=True)
@@ -246,11 +264,13 @@ def _rank_buckets(store: RunStore, scratch: Path, pieces: np.ndarray, tag: str, 
     starts, ends = _runs(pieces[:, 0])
     metrics, out = [], RankingOutputs()
     with open(store.partial / "ranked.tsv", "w", encoding="utf-8", newline="\n") as ranked, \
-            open(store.partial / "run.trec", "w", encoding="utf-8", newline="\n") as trec:
+            open(store.partial / "run.trec", "w", encoding="utf-8", newline="\n") as trec, \
+            open(store.partial / "queries.tsv", "w", encoding="utf-8", newline="\n") as queries:
         ranked.write("qid\tdoc_id\trank\tscore\n")
+        queries.write("qid\tndcg_at_10\n")
         for s, e in zip(starts.tolist(), ends.tolist()):
             cancel.check()
-            m = _rank_bucket(store, _read_bucket(scratch, pieces[s:e]), ranked, trec, tag, spec, out)
+            m = _rank_bucket(store, _read_bucket(scratch, pieces[s:e]), (ranked, trec, queries), tag, spec, out)
             if m is not None:
                 metrics.append(m)
             release_free_memory()
@@ -270,8 +290,9 @@ def _read_bucket(scratch: Path, pieces: np.ndarray) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _rank_bucket(store: RunStore, rows: pa.Table, ranked, trec, tag: str, spec: _MetricSpec,
+def _rank_bucket(store: RunStore, rows: pa.Table, files, tag: str, spec: _MetricSpec,
                  out_counts: RankingOutputs) -> RankingMetrics | None:
+    ranked, trec, queries = files
     code = rows["code"].to_numpy()
     # Codes follow first appearance, so sorting by code keeps rank_per_query's "qids in order of
     # first appearance" across buckets.
@@ -295,9 +316,39 @@ def _rank_bucket(store: RunStore, rows: pa.Table, ranked, trec, tag: str, spec: 
     if spec.judgements is None and not spec.labelled:
         return None
     t0 = time.perf_counter()
-    m = ranking_metrics(qid, doc, label, score, judgements=spec.judgements, recall_k=spec.recall_k)
+    m, q_eval, ndcg = ranking_metrics_per_query(qid, doc, label, score, judgements=spec.judgements,
+                                                recall_k=spec.recall_k)
     store.rank_seconds += time.perf_counter() - t0
+    _per_query(out_counts, queries, q_eval, ndcg, qid, doc, label, score, rank, spec.judgements)
     return m
+
+
+def _per_query(out: RankingOutputs, queries, q_eval: np.ndarray, ndcg: np.ndarray, qid: np.ndarray,
+               doc: np.ndarray, label: np.ndarray, score: np.ndarray, rank: np.ndarray,
+               judgements: Judgements | None) -> None:
+    """queries.tsv's lines of a bucket, its share of the histogram, and the worst queries so far
+    (the bucket's WORST_QUERIES lowest merged with the run's, ties by qid)."""
+    queries.write("".join(f"{q}\t{format_score(v)}\n" for q, v in zip(q_eval.tolist(), ndcg.tolist())))
+    counts = np.histogram(ndcg, bins=NDCG_BINS, range=(0.0, 1.0))[0]
+    out.ndcg_counts = counts if out.ndcg_counts is None else out.ndcg_counts + counts
+    if not len(q_eval):
+        return
+    pick = np.lexsort((q_eval.astype(str), ndcg))[:WORST_QUERIES]
+    wanted = set(q_eval[pick].tolist())
+    rows = np.flatnonzero(np.isin(qid, list(wanted)) & (rank <= WORST_TOP_DOCS))
+    if judgements is not None:  # the label shown is the judgement the metrics used
+        match = judgements.match(qid[rows], doc[rows])
+        shown = np.full(len(rows), np.nan)
+        shown[match >= 0] = judgements.relevance_of(match[match >= 0])
+    else:
+        shown = label[rows]
+    top: dict[str, list] = {}
+    for i, r in sorted(zip(rows.tolist(), shown.tolist()), key=lambda x: rank[x[0]]):
+        top.setdefault(qid[i], []).append({"doc_id": doc[i], "rank": int(rank[i]), "score": float(score[i]),
+                                           "label": None if math.isnan(r) else r})
+    new = [{"qid": q, "ndcg_at_10": float(v), "top": top.get(q, [])}
+           for q, v in zip(q_eval[pick].tolist(), ndcg[pick].tolist())]
+    out.worst = sorted(out.worst + new, key=lambda w: (w["ndcg_at_10"], w["qid"]))[:WORST_QUERIES]
 
 
 # --------------------------------------------------------------------------- rejects

@@ -14,6 +14,9 @@ from pipeline.engine.engine import BatchStats
 from pipeline.engine.text import TokenizeResult
 
 
+MAX_WINDOWS = 200
+
+
 @dataclass
 class Tally:
     rows_scored: int = 0
@@ -31,6 +34,19 @@ class Tally:
     write_seconds: float = 0.0
     per_file: dict[str, dict[str, int]] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)  # task-specific totals (generation: tokens, steps)
+    # throughput over the run: [elapsed s at the window's end, rows, tokens, session] per committed
+    # window, elapsed summed over the sessions of a resumed run; at most MAX_WINDOWS entries
+    # (neighbours merged pairwise when it would grow past that)
+    windows: list[list[float]] = field(default_factory=list)
+    elapsed_seconds: float = 0.0
+
+    def add_window(self, seconds: float, rows: int, tokens: int, session: int) -> None:
+        self.elapsed_seconds += seconds
+        self.windows.append([self.elapsed_seconds, rows, tokens, session])
+        if len(self.windows) > MAX_WINDOWS:
+            w = self.windows
+            merged = [[b[0], a[1] + b[1], a[2] + b[2], b[3]] for a, b in zip(w[0::2], w[1::2])]
+            self.windows = merged + ([w[-1]] if len(w) % 2 else [])
 
     def file(self, name: str) -> dict[str, int]:
         return self.per_file.setdefault(name, {"scored": 0, "rejected": 0})
@@ -91,6 +107,8 @@ def build_report(task: str, model, settings_dict: dict, files: list[Path], rows_
         if entry["file"] in quoting:
             entry["tsv_quoting"] = quoting[entry["file"]]
     report.update({k: v for k, v in reading.items() if k != "tsv_quoting"})
+    report["throughput"] = {"columns": ["elapsed_seconds", "rows", "tokens", "session"], "windows": tally.windows,
+                            "tokens_are": "generated" if task == "generate" else "model input (real)"}
     report.update({k: v for k, v in sections.items() if k != "metrics"})
     return report
 

@@ -129,16 +129,20 @@ def _score_windows(task: Task, engine, feeder: ChunkFeeder, store: RunStore, set
         progress = progress_bar(settings.progress, initial=store.manifest["rows_committed"])
     file_index = {str(f): i for i, f in enumerate(feeder.reader.files)}
     read_before = tally.read_seconds
+    session = store.manifest["sessions"]
+    last = time.perf_counter()
     try:
         for window, chunks_done in feeder.windows(settings.window_rows, cancel):
             tally.read_seconds = read_before + feeder.read_seconds
-            _commit_window(task, engine, store, window, chunks_done, file_index, tally, cancel, progress)
+            _commit_window(task, engine, store, window, chunks_done, file_index, tally, cancel, progress,
+                           lambda rows, tokens: tally.add_window(time.perf_counter() - last, rows, tokens, session))
+            last = time.perf_counter()
     finally:
         progress.close()
 
 
 def _commit_window(task: Task, engine, store: RunStore, window: list[Item], chunks_done: int,
-                   file_index: dict[str, int], tally: Tally, cancel: CancelToken, progress) -> None:
+                   file_index: dict[str, int], tally: Tally, cancel: CancelToken, progress, on_done) -> None:
     t0 = time.perf_counter()
     pending = [it for it in window if it.chunk is not None]
     try:
@@ -165,6 +169,8 @@ def _commit_window(task: Task, engine, store: RunStore, window: list[Item], chun
         tally.rows_rejected += 1
         tally.file(r.file)["rejected"] += 1
     tally.write_seconds += time.perf_counter() - t1
+    on_done(out.table.num_rows + len(out.rejects),
+            int(out.counters.get("generated_tokens", 0)) if task.progress_unit == "tokens" else out.stats.tokens)
     store.commit_window(out.table, out.rejects, chunks_done, tally.to_dict())
     if by_rows:
         progress.update(len(out.rejects))

@@ -40,7 +40,7 @@ from pipeline.ranking.order import (_as_float_array, _as_str_array, _check_same_
                                     _rank, _Ranked, _ranks_from_order)
 from pipeline.ranking.pairs import _pair_counts
 
-__all__ = ["RankingMetrics", "combine_metrics", "ranking_metrics"]
+__all__ = ["RankingMetrics", "combine_metrics", "ranking_metrics", "ranking_metrics_per_query"]
 
 _LN2 = math.log(2.0)
 
@@ -175,7 +175,24 @@ def ranking_metrics(
     judgements: Judgements | None = None,
     recall_k: int | None = None,
 ) -> RankingMetrics:
-    """MRR@k, NDCG@k (exponential and linear gain), PNR and, when `recall_k` is given,
+    """See `ranking_metrics_per_query` (this returns its metrics only)."""
+    return ranking_metrics_per_query(qid, doc_id, label, score, k, judgements=judgements, recall_k=recall_k)[0]
+
+
+def ranking_metrics_per_query(
+    qid: np.ndarray,
+    doc_id: np.ndarray,
+    label: np.ndarray,
+    score: np.ndarray,
+    k: int = 10,
+    *,
+    judgements: Judgements | None = None,
+    recall_k: int | None = None,
+) -> tuple[RankingMetrics, np.ndarray, np.ndarray]:
+    """(metrics, qids, ndcg): the metrics, and the NDCG@k (exponential gain) of each evaluated
+    query, in order of first appearance (what the run's report pages show per query).
+
+    MRR@k, NDCG@k (exponential and linear gain), PNR and, when `recall_k` is given,
     recall@recall_k of `score`, against the rows' `label` or, when given, against `judgements`
     (qrels; the labels are then ignored). Semantics: module docstring.
 
@@ -222,8 +239,8 @@ def ranking_metrics(
                   qrels_queries=None if judgements is None else judgements.n_queries,
                   qrels_queries_without_candidates=None if judgements is None else judgements.n_queries - n_evaluated)
     if n_evaluated == 0:
-        return RankingMetrics(None, None, None, 0, 0, 0, 0, 0, relevant_missing=None if judgements is None else 0,
-                              **common)
+        return (RankingMetrics(None, None, None, 0, 0, 0, 0, 0, relevant_missing=None if judgements is None else 0,
+                               **common), np.zeros(0, dtype=object), np.zeros(0))
     keep = evaluated[group]
     if not keep.all():
         qid, doc_id, score, relevance, judged = qid[keep], doc_id[keep], score[keep], relevance[keep], judged[keep]
@@ -249,12 +266,12 @@ def ranking_metrics(
     has_relevant = n_relevant > 0
     defined = bool(has_relevant.any())
 
-    ndcg = {}
+    ndcg, ndcg_per_query = {}, {}
     for name, gain_of in (("exp", _gain), ("linear", lambda r: r)):
         dcg = _dcg_by_group(group, n, rank, gain_of(relevance), k)
         ideal = _dcg_by_group(ideal_group, n, ideal_position, gain_of(ideal_relevance), k)
         per_query = np.divide(dcg, ideal, out=np.zeros(n), where=ideal > 0)
-        ndcg[name] = _mean_or_none(per_query, defined)
+        ndcg[name], ndcg_per_query[name] = _mean_or_none(per_query, defined), per_query
 
     best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(best, group[relevant], rank[relevant])
@@ -267,7 +284,8 @@ def ranking_metrics(
 
     code, n_codes = _dense_codes(relevance[judged])
     correct, wrong, tied = _pair_counts(_judged_subset(ranked, judged), code, n_codes)
-    return RankingMetrics(
+    _, first_rows = np.unique(group, return_index=True)  # groups number queries by first appearance
+    metrics = RankingMetrics(
         mrr_at_10=mrr,
         ndcg_at_10=ndcg["exp"],
         pnr=correct / wrong if wrong > 0 else None,
@@ -282,6 +300,7 @@ def ranking_metrics(
         relevant_missing=relevant_missing,
         **common,
     )
+    return metrics, qid[first_rows], ndcg_per_query["exp"]
 
 
 def _same(parts: list[RankingMetrics], field: str):

@@ -60,7 +60,7 @@ class _Scoring:
     name: str
     model_output: str
     input_kinds: tuple[str, ...]
-    output_files = FILES
+    output_files = FILES + ("queries.tsv",)
     progress_unit = "rows"
 
     def open_reader(self, spec: InputSpec) -> DatasetReader | RerankReader:
@@ -77,8 +77,11 @@ class _Scoring:
     def finish(self, store: RunStore, spec: FinishSpec, cancel: CancelToken | None) -> dict:
         out = write_ranking_outputs(store, spec.run_tag, spec.labelled or spec.judgements is not None, cancel,
                                     judgements=spec.judgements, recall_k=spec.recall_k)
-        return {"metrics": out.metrics.to_dict() if out.metrics else None,
-                "outputs": {"trec_escaped_rows": out.trec_escaped_rows}}
+        sections = {"metrics": out.metrics.to_dict() if out.metrics else None,
+                    "outputs": {"trec_escaped_rows": out.trec_escaped_rows}}
+        if out.metrics is not None and out.ndcg_counts is not None:
+            sections["queries"] = out.queries_section()
+        return sections
 
     def process(self, engine: Engine, items: list[Item], results: list[TokenizeResult], file_index: dict[str, int],
                 cancel: CancelToken | None, on_batch: Callable[[int], None]) -> WindowOutput:
