@@ -149,6 +149,48 @@ def _timing(report: dict) -> str:
             f"model)</p><div class=cols>{chart}<table>{cells}</table></div>")
 
 
+def _throughput(report: dict, unit: str) -> str:
+    """Rows/s (and tokens/s) per committed window against the elapsed processing time."""
+    w = (report.get("throughput") or {}).get("windows") or []
+    if not w:
+        return ""
+    ends = [x[0] for x in w]
+    secs = [max(b - a, 1e-9) for a, b in zip([0.0] + ends[:-1], ends)]
+    fig, ax = _figure()
+    ax.plot(ends, [x[2] / s for x, s in zip(w, secs)], color="#4878a8", marker="." if len(w) < 50 else None)
+    ax.set_xlabel("elapsed processing seconds (end of window)")
+    ax.set_ylabel(f"{unit} tokens/s")
+    sessions = sorted({x[3] for x in w})
+    for x, prev in zip(w[1:], w[:-1]):
+        if x[3] != prev[3]:
+            ax.axvline(prev[0], color="#b00", linestyle=":")
+    note = (f"; a resumed run: {len(sessions)} sessions, each session's windows shown after the previous "
+            "one's (dotted lines), the time between sessions left out" if len(sessions) > 1 else "")
+    return (f'<h2>Throughput over the run</h2><p data-windows="{len(w)}">{len(w)} points (committed windows, '
+            f"neighbours merged to at most 200){note}</p>" + _svg(fig))
+
+
+def _queries(report: dict) -> str:
+    q = report.get("queries")
+    if not q:
+        return ""
+    fig, ax = _figure()
+    bins = q["ndcg_at_10_bins"]
+    ax.stairs(q["ndcg_at_10_counts"], bins, fill=True, color="#4878a8")
+    ax.set_xlabel("NDCG@10 per query")
+    ax.set_ylabel("queries")
+    parts = []
+    for i, w in enumerate(q["worst"]):
+        docs = _table(["rank", "doc_id", "score", "label"],
+                      [[str(d["rank"]), _esc(d["doc_id"]), f"{d['score']:.4g}",
+                        _num(f"queries.worst.{i}.top.{j}.label", d["label"])] for j, d in enumerate(w["top"])])
+        parts.append(f'<details class="worst-query" data-qid="{_esc(w["qid"])}"><summary>{_esc(w["qid"])}: NDCG@10 '
+                     f'{_num(f"queries.worst.{i}.ndcg_at_10", w["ndcg_at_10"])}</summary>{docs}</details>')
+    return (f"<h2>Per-query NDCG@10</h2><p>{sum(q['ndcg_at_10_counts'])} queries (every value: {_esc(q['file'])})"
+            f"</p>{_svg(fig)}<h3>Worst {len(q['worst'])} queries</h3><p>lowest NDCG@10 first; click one for its top "
+            "documents and their labels</p>" + "".join(parts))
+
+
 def _settings_and_model(report: dict) -> str:
     model = _table(["field", "value"], [[_esc(k), _esc(v)] for k, v in report["model"].items()])
     settings = _table(["setting", "value"], [[_esc(k), _esc(v)] for k, v in report["settings"].items()])
@@ -172,7 +214,7 @@ def _scoring_sections(report: dict, out_dir: Path) -> list[str]:
            f"{_num('tokens_per_second', report['tokens_per_second'])} tokens/s; {_num('tokens.real', t['real'])} real "
            f"tokens, {_num('tokens.padded', t['padded'])} padded (padding overhead "
            f"{_num('tokens.padding_overhead', t['padding_overhead'])}) in {_num('tokens.batches', t['batches'])} "
-           f"batches</p>"]
+           f"batches</p>", _throughput(report, "model input")]
     head, rows = _read_tsv(out_dir / "ranked.tsv")
     if rows:
         score_at = head.index("score")
@@ -181,6 +223,7 @@ def _scoring_sections(report: dict, out_dir: Path) -> list[str]:
         out.append(f"<h2>Score distribution</h2><p>{len(rows)} scored pairs"
                    + (f" (every {step}th in the chart)" if step > 1 else "") + "</p>" + _histogram(scores, "score"))
     out.append(_metrics(report))
+    out.append(_queries(report))
     return out
 
 
@@ -190,7 +233,8 @@ def _generation_sections(report: dict, out_dir: Path) -> list[str]:
            f"<h2>Speed and padding</h2><p>{_num('generated_tokens_per_second', report['generated_tokens_per_second'])}"
            f" generated tokens/s, {_num('rows_per_second', report['rows_per_second'])} rows/s; "
            f"{_num('tokens.generated', t['generated'])} generated tokens in {_num('tokens.candidates', t['candidates'])}"
-           f" candidates; prompt padding overhead {_num('tokens.padding_overhead', t['padding_overhead'])}</p>"]
+           f" candidates; prompt padding overhead {_num('tokens.padding_overhead', t['padding_overhead'])}</p>",
+           _throughput(report, "generated")]
     rows = _read_generations(out_dir / "generations.jsonl")
     if rows:
         lengths = [c["num_tokens"] for r in rows for c in r["candidates"][:1]]
@@ -239,7 +283,7 @@ def _flat_metrics(report: dict) -> dict[str, float]:
     return {k: v for k, v in (report.get("metrics") or {}).items() if isinstance(v, (int, float))}
 
 
-def _compare_section(report: dict, other: dict, other_dir: Path) -> str:
+def _compare_section(report: dict, other: dict, out_dir: Path, other_dir: Path) -> str:
     a, b = _flat_metrics(report), _flat_metrics(other)
     rows = [[_esc(k), f"{a[k]:.4g}", f"{b[k]:.4g}",
              f'<span data-key="delta.{_esc(k)}" data-value="{a[k] - b[k]!r}">{a[k] - b[k]:+.4g}</span>']
@@ -247,7 +291,42 @@ def _compare_section(report: dict, other: dict, other_dir: Path) -> str:
     speed = "rows_per_second"
     rows.append([speed, f"{report[speed]:.4g}", f"{other[speed]:.4g}", f"{report[speed] - other[speed]:+.4g}"])
     return (f"<h2>Compared with {_esc(other_dir)}</h2>"
-            + _table(["metric", "this run", "other run", "difference"], rows))
+            + _table(["metric", "this run", "other run", "difference"], rows)
+            + (_compare_generations(out_dir, other_dir) if report.get("task") == "generate"
+               else _compare_queries(out_dir, other_dir)))
+
+
+def _read_queries(path: Path) -> dict[str, float]:
+    head, rows = _read_tsv(path)
+    return {r[0]: float(r[1]) for r in rows} if head else {}
+
+
+def _compare_queries(out_dir: Path, other_dir: Path) -> str:
+    """Per-query NDCG@10 differences over the queries both runs evaluated (queries.tsv)."""
+    a, b = _read_queries(out_dir / "queries.tsv"), _read_queries(other_dir / "queries.tsv")
+    both = [q for q in a if q in b]
+    if not both:
+        return "<p>no per-query NDCG@10 in both runs (queries.tsv)</p>"
+    diff = {q: a[q] - b[q] for q in both}
+    changed = sorted((q for q in both if diff[q] != 0.0), key=lambda q: (-abs(diff[q]), q))
+    rows = [[_esc(q), f"{a[q]:.4g}", f"{b[q]:.4g}", f'<span class="query-delta" data-qid="{_esc(q)}" '
+             f'data-value="{diff[q]!r}">{diff[q]:+.4g}</span>'] for q in changed[:MAX_TABLE_ROWS]]
+    return (f'<h3>Per-query NDCG@10</h3><p data-changed-queries="{len(changed)}">{len(both)} queries in both runs, '
+            f"{len(changed)} changed; the largest changes first</p>" + _histogram(list(diff.values()),
+            "NDCG@10 this run - other run", bins=20) + _table(["qid", "this run", "other run", "difference"], rows))
+
+
+def _compare_generations(out_dir: Path, other_dir: Path) -> str:
+    """Rows whose best candidate text differs between the two runs (same ids)."""
+    a = {r["id"]: r for r in _read_generations(out_dir / "generations.jsonl")}
+    b = {r["id"]: r for r in _read_generations(other_dir / "generations.jsonl")}
+    best = lambda r: r["candidates"][0]["text"] if r["candidates"] else ""  # noqa: E731
+    both = [i for i in a if i in b]
+    changed = [i for i in both if best(a[i]) != best(b[i])]
+    rows = [[_esc(i), _esc(_cut(best(a[i]))), _esc(_cut(best(b[i])))] for i in changed[:MAX_TABLE_ROWS]]
+    return (f'<h3>Best candidate changed</h3><p data-changed-rows="{len(changed)}">{len(changed)} of {len(both)} '
+            f"rows in both runs; the first {len(rows)}</p>"
+            + _table(["id", "this run's best", "other run's best"], rows).replace("<tr><td>", '<tr class="changed-row"><td>'))
 
 
 # --------------------------------------------------------------------------- page
@@ -261,7 +340,7 @@ def build_page(out_dir: Path, compare_dir: Path | None = None) -> str:
     sections = (_generation_sections if task == "generate" else _scoring_sections)(report, out_dir)
     if compare_dir is not None:
         other = json.loads((Path(compare_dir) / "report.json").read_text(encoding="utf-8"))
-        sections.insert(0, _compare_section(report, other, Path(compare_dir)))
+        sections.insert(0, _compare_section(report, other, out_dir, Path(compare_dir)))
     sections.append(_settings_and_model(report))
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>{_CSS}</style>"
             f"{_SCRIPT}</head><body data-task='{_esc(task)}'><h1>{_esc(title)}</h1>"

@@ -76,6 +76,28 @@ def test_scoring_page_numbers_equal_report_json(scoring_run):
     assert (scoring_run / "report.html").stat().st_size < SIZE_LIMIT_BYTES
 
 
+def test_scoring_page_per_query_ndcg_and_worst_queries_equal_the_files(scoring_run):
+    report = json.loads((scoring_run / "report.json").read_text())
+    head, *lines = (scoring_run / "queries.tsv").read_text().splitlines()
+    ndcg = {q: float(v) for q, v in (line.split("\t") for line in lines)}
+    assert head == "qid\tndcg_at_10" and len(ndcg) == report["metrics"]["queries"]
+    q = report["queries"]
+    assert sum(q["ndcg_at_10_counts"]) == len(ndcg)
+    worst = q["worst"]
+    assert [w["ndcg_at_10"] for w in worst] == sorted(ndcg.values())[:len(worst)]
+    ranked = [line.split("\t") for line in (scoring_run / "ranked.tsv").read_text().splitlines()[1:]]
+    for w in worst:  # the top documents are ranked.tsv's, in its order
+        assert [d["doc_id"] for d in w["top"]] == [r[1] for r in ranked if r[0] == w["qid"]][:10]
+    assert any(d["label"] is not None for w in worst for d in w["top"])
+    page = _check_numbers(scoring_run)  # every label and NDCG on the page equals report.json's
+    assert "queries.worst.0.ndcg_at_10" in page.values and "queries.worst.0.top.0.label" in page.values
+    text = (scoring_run / "report.html").read_text()
+    assert text.count('class="worst-query"') == len(worst)
+    windows = report["throughput"]["windows"]
+    assert windows and sum(w[1] for w in windows) == report["rows"]["scored"] + report["rows"]["rejected"]
+    assert f'data-windows="{len(windows)}"' in text
+
+
 def test_page_has_no_network_references(scoring_run):
     text = (scoring_run / "report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
@@ -87,8 +109,15 @@ def test_report_command_rebuilds_and_compares(scoring_run, tmp_path, capsys):
     shutil.copytree(scoring_run, other)
     (other / "report.html").unlink()
     assert main(["report", str(other), "--compare", str(scoring_run)]) == 0
+    lines = (other / "queries.tsv").read_text().splitlines()
+    qid = lines[1].split("\t")[0]
+    lines[1] = f"{qid}\t-1.0"  # one query's NDCG changed in the other run
+    (other / "queries.tsv").write_text("\n".join(lines) + "\n")
+    assert main(["report", str(other), "--compare", str(scoring_run)]) == 0
     page = _check_numbers(other)
     assert page.values["delta.ndcg_at_10"] == [0.0]
+    text = (other / "report.html").read_text()
+    assert 'data-changed-queries="1"' in text and f'class="query-delta" data-qid="{qid}"' in text
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
@@ -104,6 +133,15 @@ def test_generation_page_numbers_equal_report_json(tiny_decoder_dir, tmp_path):
     assert {"rows.generated", "generated_tokens_per_second", "metrics.rouge_l"} <= set(page.values)
     assert page.svgs >= 3  # stages, output lengths, finish reasons
     assert (out / "report.html").read_text().count('class="sample"') == 12
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    rows = [json.loads(line) for line in (other / "generations.jsonl").read_text().splitlines()]
+    rows[3]["candidates"][0]["text"] = "a different best candidate"
+    (other / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(other), "--compare", str(out)]) == 0
+    text = (other / "report.html").read_text()
+    assert 'data-changed-rows="1"' in text and text.count('class="changed-row"') == 1
+    assert "a different best candidate" in text
 
 
 def test_a_large_run_stays_under_the_size_limit(tmp_path):
