@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import paddle
 import paddle.nn as nn
@@ -80,6 +82,12 @@ class PrefillProgram(nn.Layer):
         super().__init__()
         self.m = model
 
+    # Traced, not transpiled: `to_static` runs this forward once on static variables and records
+    # its ops. The code has no control flow on tensor values (the layer loop is over a Python
+    # list), so dy2static's AST conversion of every callee would only cost time (SmolLM2: 79 s
+    # of inspect.stack calls for the two programs, against a few seconds traced); the programs'
+    # check against the module (`check_programs`, the export tests) holds either way.
+    @paddle.jit.not_to_static
     def forward(self, input_ids, position_ids, attention_mask):
         m = self.m
         bias = mask_bias(attention_mask, paddle.shape(input_ids)[1])
@@ -118,6 +126,7 @@ class DecodeProgram(nn.Layer):
         super().__init__()
         self.m = model
 
+    @paddle.jit.not_to_static  # traced, not transpiled (see PrefillProgram.forward)
     def forward(self, input_ids, position_ids, attention_mask, past):
         m = self.m
         bias = mask_bias(attention_mask, 1).squeeze(2)  # [B, 1, 1, T+1]: broadcast over KV and G
@@ -173,9 +182,26 @@ def rename_variables(desc, mapping: dict[str, str]) -> None:
                 slot.arguments[:] = [mapping.get(a, a) for a in slot.arguments]
 
 
+@contextmanager
+def _no_source_lookups_in_operator_warnings():
+    """Paddle 2.6's static-graph `a + b` (math_op_patch) calls `inspect.stack()`, which reads the
+    source of every frame on the stack, to word a DeprecationWarning each time the right operand's
+    first dim is dynamic: 15 s of SmolLM2's 60 s conversion. While tracing, that module's
+    `inspect.stack` answers without reading files (the warning then names `<traced>:0`)."""
+    from paddle.base.layers import math_op_patch
+
+    real = math_op_patch.inspect
+    math_op_patch.inspect = SimpleNamespace(stack=lambda *a, **k: [None, (None, "<traced>", 0)])
+    try:
+        yield
+    finally:
+        math_op_patch.inspect = real
+
+
 def _save(layer, specs, prefix: Path, outputs: list[str]) -> None:
-    static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
-    paddle.jit.save(static, str(prefix))
+    with _no_source_lookups_in_operator_warnings():
+        static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
+        paddle.jit.save(static, str(prefix))
     rename_outputs(prefix.with_suffix(".pdmodel"), outputs)
 
 
