@@ -7,6 +7,8 @@
   only the header when the run has no metrics. With it, report.json's `queries` section: a
   fixed-bin histogram of those values and the `WORST_QUERIES` lowest ones with their top
   `WORST_TOP_DOCS` documents and labels (bounded, whatever the run's size; report.html shows it).
+  Each listed document keeps its input `row`, so the caller can add the texts (read again from
+  the inputs: `pipeline.io.row_texts`).
 - `run.trec`: the same ranking as a TREC run file. Its fields are separated by spaces, so an id
   that holds whitespace or `%` is written percent-encoded there (`trec_id`: each such character
   becomes `%XX` per UTF-8 byte, as in a URL; `a b` -> `a%20b`, `50%` -> `50%25`); every other
@@ -54,10 +56,11 @@ QUERIES_PER_BUCKET = 4096
 WORST_QUERIES = 20  # queries report.json lists with their top documents (lowest NDCG@10 first)
 WORST_TOP_DOCS = 10
 NDCG_BINS = 20  # equal bins over [0, 1] for report.json's per-query NDCG@10 histogram
-RANKING_COLUMNS = ("qid", "doc_id", "label", "score")  # what the committed table must hold
+SCORE_BINS = 40  # equal bins over [lowest, highest score] for report.json's score histogram
+RANKING_COLUMNS = ("row", "qid", "doc_id", "label", "score")  # what the committed table must hold
 SCRATCH = "buckets"
-_BUCKET_SCHEMA = pa.schema([("code", pa.int64()), ("qid", pa.string()), ("doc_id", pa.string()),
-                            ("label", pa.float64()), ("score", pa.float64())])
+_BUCKET_SCHEMA = pa.schema([("code", pa.int64()), ("row", pa.int64()), ("qid", pa.string()),
+                            ("doc_id", pa.string()), ("label", pa.float64()), ("score", pa.float64())])
 
 
 def format_score(x: float) -> str:
@@ -153,6 +156,17 @@ class RankingOutputs:
     trec_escaped_rows: int = 0  # rows whose qid or doc_id run.trec holds percent-encoded (trec_id)
     ndcg_counts: np.ndarray | None = None  # per-query NDCG@10 histogram (NDCG_BINS bins over [0, 1])
     worst: list[dict] = field(default_factory=list)  # the WORST_QUERIES lowest NDCG@10 queries, top docs
+    score_range: tuple[float, float] | None = None  # lowest and highest finite score (None: no rows)
+    score_counts: np.ndarray | None = None  # score histogram (SCORE_BINS bins over score_range)
+    nonfinite_scores: int = 0  # NaN or infinite scores (not in the histogram)
+
+    def scores_section(self) -> dict:
+        """report.json's `scores`: every scored pair's score as a histogram (bounded)."""
+        if self.score_range is None:
+            return {"pairs": self.nonfinite_scores, "bins": [], "counts": [], "nonfinite": self.nonfinite_scores}
+        return {"pairs": int(self.score_counts.sum()) + self.nonfinite_scores,
+                "bins": _score_edges(self.score_range).tolist(), "counts": self.score_counts.astype(int).tolist(),
+                "nonfinite": self.nonfinite_scores}
 
     def queries_section(self) -> dict | None:
         """report.json's `queries`: bounded summary of the per-query NDCG@10 (None without metrics)."""
@@ -198,8 +212,15 @@ def _rank_all(store: RunStore, tag: str, spec: _MetricSpec, cancel: CancelToken,
     scratch = store.partial / SCRATCH
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
-    pieces = _predictions_and_scatter(store, scratch, cancel, per_bucket, first_seen)
-    return _rank_buckets(store, scratch, pieces, tag, spec, cancel)
+    pieces, score_range = _predictions_and_scatter(store, scratch, cancel, per_bucket, first_seen)
+    return _rank_buckets(store, scratch, pieces, tag, spec, cancel, score_range)
+
+
+def _score_edges(score_range: tuple[float, float]) -> np.ndarray:
+    lo, hi = score_range
+    if hi <= lo:  # every score equal: one visible bin around it
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, SCORE_BINS + 1)
 
 
 def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,10 +235,11 @@ def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _predictions_and_scatter(store: RunStore, scratch: Path, cancel: CancelToken, per_bucket: int,
-                             first_seen) -> np.ndarray:
+                             first_seen) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Write predictions.tsv and every window's bucket pieces; returns the pieces as rows of
-    (bucket, window, offset, size), in window order."""
+    (bucket, window, offset, size), in window order, and the lowest and highest finite score."""
     index = [np.zeros((0, 4), dtype=np.int64)]
+    lo, hi = math.inf, -math.inf
     with open(store.partial / "predictions.tsv", "w", encoding="utf-8", newline="\n") as pred:
         for w in range(store.windows):
             cancel.check()
@@ -226,12 +248,15 @@ def _predictions_and_scatter(store: RunStore, scratch: Path, cancel: CancelToken
             label, score = part["label"].to_numpy(), part["score"].to_numpy()
             pred.write("".join(f"{q}\t{format_label(y)}\t{format_score(s)}\n"
                                for q, y, s in zip(qid, label.tolist(), score.tolist())))
+            finite = score[np.isfinite(score)]
+            if len(finite):
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
             code = first_seen.codes(qid)
-            table = pa.table([pa.array(code), part["qid"], part["doc_id"], part["label"], part["score"]],
+            table = pa.table([pa.array(code), part["row"], part["qid"], part["doc_id"], part["label"], part["score"]],
                              names=_BUCKET_SCHEMA.names).cast(_BUCKET_SCHEMA)
             index.append(_scatter_window(scratch / f"{w:06d}.arrows", w, table, code // per_bucket))
             del part, qid, table
-    return np.concatenate(index)
+    return np.concatenate(index), ((lo, hi) if lo <= hi else None)
 
 
 def _scatter_window(path: Path, w: int, table: pa.Table, bucket: np.ndarray) -> np.ndarray:
@@ -259,10 +284,12 @@ def _scatter_window(path: Path, w: int, table: pa.Table, bucket: np.ndarray) -> 
 
 
 def _rank_buckets(store: RunStore, scratch: Path, pieces: np.ndarray, tag: str, spec: _MetricSpec,
-                  cancel: CancelToken) -> RankingOutputs:
+                  cancel: CancelToken, score_range: tuple[float, float] | None) -> RankingOutputs:
     pieces = pieces[np.argsort(pieces[:, 0], kind="stable")]  # by bucket, windows in order
     starts, ends = _runs(pieces[:, 0])
-    metrics, out = [], RankingOutputs()
+    metrics, out = [], RankingOutputs(score_range=score_range)
+    if score_range is not None:
+        out.score_counts = np.zeros(SCORE_BINS, dtype=np.int64)
     with open(store.partial / "ranked.tsv", "w", encoding="utf-8", newline="\n") as ranked, \
             open(store.partial / "run.trec", "w", encoding="utf-8", newline="\n") as trec, \
             open(store.partial / "queries.tsv", "w", encoding="utf-8", newline="\n") as queries:
@@ -305,6 +332,11 @@ def _rank_bucket(store: RunStore, rows: pa.Table, files, tag: str, spec: _Metric
     doc = rows["doc_id"].to_numpy(zero_copy_only=False)[first]
     label = rows["label"].to_numpy()[first]
     score = rows["score"].to_numpy()[first]
+    row = rows["row"].to_numpy()[first]
+    finite = np.isfinite(score)
+    out_counts.nonfinite_scores += int((~finite).sum())
+    if out_counts.score_range is not None:
+        out_counts.score_counts += np.histogram(score[finite], bins=_score_edges(out_counts.score_range))[0]
     t0 = time.perf_counter()
     order, rank = rank_per_query(qid, doc, score)
     store.rank_seconds += time.perf_counter() - t0
@@ -319,12 +351,12 @@ def _rank_bucket(store: RunStore, rows: pa.Table, files, tag: str, spec: _Metric
     m, q_eval, ndcg = ranking_metrics_per_query(qid, doc, label, score, judgements=spec.judgements,
                                                 recall_k=spec.recall_k)
     store.rank_seconds += time.perf_counter() - t0
-    _per_query(out_counts, queries, q_eval, ndcg, qid, doc, label, score, rank, spec.judgements)
+    _per_query(out_counts, queries, q_eval, ndcg, qid, doc, label, score, rank, row, spec.judgements)
     return m
 
 
 def _per_query(out: RankingOutputs, queries, q_eval: np.ndarray, ndcg: np.ndarray, qid: np.ndarray,
-               doc: np.ndarray, label: np.ndarray, score: np.ndarray, rank: np.ndarray,
+               doc: np.ndarray, label: np.ndarray, score: np.ndarray, rank: np.ndarray, row: np.ndarray,
                judgements: Judgements | None) -> None:
     """queries.tsv's lines of a bucket, its share of the histogram, and the worst queries so far
     (the bucket's WORST_QUERIES lowest merged with the run's, ties by qid)."""
@@ -345,7 +377,7 @@ def _per_query(out: RankingOutputs, queries, q_eval: np.ndarray, ndcg: np.ndarra
     top: dict[str, list] = {}
     for i, r in sorted(zip(rows.tolist(), shown.tolist()), key=lambda x: rank[x[0]]):
         top.setdefault(qid[i], []).append({"doc_id": doc[i], "rank": int(rank[i]), "score": float(score[i]),
-                                           "label": None if math.isnan(r) else r})
+                                           "label": None if math.isnan(r) else r, "row": int(row[i])})
     new = [{"qid": q, "ndcg_at_10": float(v), "top": top.get(q, [])}
            for q, v in zip(q_eval[pick].tolist(), ndcg[pick].tolist())]
     out.worst = sorted(out.worst + new, key=lambda w: (w["ndcg_at_10"], w["qid"]))[:WORST_QUERIES]

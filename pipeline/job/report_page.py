@@ -1,8 +1,11 @@
 """report.html: one self-contained page per run, built from the run's published files (no paddle).
 
-Inputs are what a finished run leaves in OUT: report.json, rejects.tsv and, for scoring,
-ranked.tsv, for generation generations.jsonl. So `python -m pipeline report OUT` rebuilds the
-page of any finished (or resumed) run, and `--compare OTHER_OUT` puts two runs side by side.
+Inputs are what a finished run leaves in OUT: report.json (whose bounded summaries the run's
+finish step computed from every row: score histogram, per-query NDCG@10 with the worst queries and
+their texts, output lengths, finish reasons, the generation sample with prompts and ROUGE-L) and
+rejects.tsv; `--compare` also reads both runs' queries.tsv or generations.jsonl. So
+`python -m pipeline report OUT` rebuilds the page of any finished (or resumed) run without
+reading every row, and `--compare OTHER_OUT` puts two runs side by side.
 
 Self-contained: inline CSS and inline SVG charts (matplotlib, Agg backend), no script or font
 from the network. Size is bounded whatever the run's size: charts summarise every row, tables
@@ -24,13 +27,14 @@ from pathlib import Path
 SIZE_LIMIT_BYTES = 2_000_000
 MAX_TABLE_ROWS = 50
 MAX_TEXT = 400
-_HIST_SAMPLE = 200_000  # scores kept for the histogram (evenly spaced over the ranking)
 
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:2px 8px;text-align:left;
 vertical-align:top}th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
-.chart svg{max-width:100%;height:auto}.bad{color:#b00}details{margin:.3em 0}.cols{display:flex;gap:2em}"""
+.chart svg{max-width:100%;height:auto}.bad{color:#b00}details{margin:.3em 0}.cols{display:flex;gap:2em}
+pre.prompt{white-space:pre-wrap;background:#f8f8f8;padding:4px}
+.worst-query td:nth-child(5){width:50%}.worst-query td:nth-child(2){overflow-wrap:anywhere;min-width:14em}"""
 
 # Marks the page as rendered and records script errors in the DOM (the browser test reads both).
 _SCRIPT = """<script>window.onerror=function(m){var e=document.getElementById('script-errors');
@@ -83,6 +87,15 @@ def _bar_chart(labels: list[str], values: list[float], xlabel: str) -> str:
     fig, ax = _figure(6, 0.3 * len(labels) + 0.8)
     ax.barh(labels[::-1], values[::-1], color="#4878a8")
     ax.set_xlabel(xlabel)
+    return _svg(fig)
+
+
+def _stairs(counts: list[int], edges: list[float], xlabel: str, ylabel: str = "count") -> str:
+    """A histogram already counted (report.json's bins and counts)."""
+    fig, ax = _figure()
+    ax.stairs(counts, edges, fill=True, color="#4878a8")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     return _svg(fig)
 
 
@@ -156,6 +169,10 @@ def _throughput(report: dict, unit: str) -> str:
         return ""
     ends = [x[0] for x in w]
     secs = [max(b - a, 1e-9) for a, b in zip([0.0] + ends[:-1], ends)]
+    if len(w) == 1:  # a chart of one point says nothing: a run shorter than one window (--window-rows)
+        return (f'<h2>Throughput over the run</h2><p data-windows="1">one committed window ({w[0][1]} rows, '
+                f"{w[0][2] / secs[0]:.4g} {_esc(unit)} tokens/s over {ends[0]:.3g} s of processing): the run is "
+                "shorter than one window (--window-rows), so there is no curve to draw</p>")
     fig, ax = _figure()
     ax.plot(ends, [x[2] / s for x, s in zip(w, secs)], color="#4878a8", marker="." if len(w) < 50 else None)
     ax.set_xlabel("elapsed processing seconds (end of window)")
@@ -174,21 +191,28 @@ def _queries(report: dict) -> str:
     q = report.get("queries")
     if not q:
         return ""
-    fig, ax = _figure()
-    bins = q["ndcg_at_10_bins"]
-    ax.stairs(q["ndcg_at_10_counts"], bins, fill=True, color="#4878a8")
-    ax.set_xlabel("NDCG@10 per query")
-    ax.set_ylabel("queries")
+    chart = _stairs(q["ndcg_at_10_counts"], q["ndcg_at_10_bins"], "NDCG@10 per query", "queries")
     parts = []
     for i, w in enumerate(q["worst"]):
-        docs = _table(["rank", "doc_id", "score", "label"],
+        docs = _table(["rank", "doc_id", "score", "label", "document", "file:line"],
                       [[str(d["rank"]), _esc(d["doc_id"]), f"{d['score']:.4g}",
-                        _num(f"queries.worst.{i}.top.{j}.label", d["label"])] for j, d in enumerate(w["top"])])
+                        _num(f"queries.worst.{i}.top.{j}.label", d["label"]), _text(d, "text"), _where(d)]
+                       for j, d in enumerate(w["top"])])
+        query = f' <span class="query-text">{_esc(_cut(w["query"]))}</span>' if w.get("query") else ""
         parts.append(f'<details class="worst-query" data-qid="{_esc(w["qid"])}"><summary>{_esc(w["qid"])}: NDCG@10 '
-                     f'{_num(f"queries.worst.{i}.ndcg_at_10", w["ndcg_at_10"])}</summary>{docs}</details>')
+                     f'{_num(f"queries.worst.{i}.ndcg_at_10", w["ndcg_at_10"])}{query}</summary>{docs}</details>')
     return (f"<h2>Per-query NDCG@10</h2><p>{sum(q['ndcg_at_10_counts'])} queries (every value: {_esc(q['file'])})"
-            f"</p>{_svg(fig)}<h3>Worst {len(q['worst'])} queries</h3><p>lowest NDCG@10 first; click one for its top "
-            "documents and their labels</p>" + "".join(parts))
+            f"</p>{chart}<h3>Worst {len(q['worst'])} queries</h3><p>lowest NDCG@10 first, with the query text; click "
+            "one for its top documents, their labels and texts (read again from the inputs)</p>" + "".join(parts))
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    return '<span class="bad">n/a</span>' if value is None else _esc(_cut(value))
+
+
+def _where(record: dict) -> str:
+    return _esc(f"{record['file']}:{record['line']}") if record.get("file") is not None else ""
 
 
 def _settings_and_model(report: dict) -> str:
@@ -215,13 +239,13 @@ def _scoring_sections(report: dict, out_dir: Path) -> list[str]:
            f"tokens, {_num('tokens.padded', t['padded'])} padded (padding overhead "
            f"{_num('tokens.padding_overhead', t['padding_overhead'])}) in {_num('tokens.batches', t['batches'])} "
            f"batches</p>", _throughput(report, "model input")]
-    head, rows = _read_tsv(out_dir / "ranked.tsv")
-    if rows:
-        score_at = head.index("score")
-        step = max(1, len(rows) // _HIST_SAMPLE)
-        scores = [float(r[score_at]) for r in rows[::step]]
-        out.append(f"<h2>Score distribution</h2><p>{len(rows)} scored pairs"
-                   + (f" (every {step}th in the chart)" if step > 1 else "") + "</p>" + _histogram(scores, "score"))
+    sc = report.get("scores")
+    if sc and sc["counts"]:
+        bad = f"; {_num('scores.nonfinite', sc['nonfinite'])} NaN or infinite, not shown" if sc["nonfinite"] else ""
+        out.append(f"<h2>Score distribution</h2><p>{_num('scores.pairs', sc['pairs'])} scored pairs{bad}</p>"
+                   + _stairs(sc["counts"], sc["bins"], "score", "pairs"))
+    elif sc is None:
+        out.append("<h2>Score distribution</h2><p>not in report.json (a run of an older version)</p>")
     out.append(_metrics(report))
     out.append(_queries(report))
     return out
@@ -235,16 +259,24 @@ def _generation_sections(report: dict, out_dir: Path) -> list[str]:
            f"{_num('tokens.generated', t['generated'])} generated tokens in {_num('tokens.candidates', t['candidates'])}"
            f" candidates; prompt padding overhead {_num('tokens.padding_overhead', t['padding_overhead'])}</p>",
            _throughput(report, "generated")]
-    rows = _read_generations(out_dir / "generations.jsonl")
-    if rows:
-        lengths = [c["num_tokens"] for r in rows for c in r["candidates"][:1]]
-        reasons = Counter(c["finish_reason"] for r in rows for c in r["candidates"])
+    o = report.get("outputs") or {}
+    if o.get("best_candidate_tokens"):
+        lengths = o["best_candidate_tokens"]
+        reasons = o["finish_reasons"]
+        edges = [n - 0.5 for n, _ in lengths] + [lengths[-1][0] + 0.5]
+        counts = [c for _, c in lengths]
+        if len(lengths) > 1 and edges[-1] - edges[0] > len(lengths):  # gaps: spread over every length between
+            full = dict(lengths)
+            counts = [full.get(n, 0) for n in range(lengths[0][0], lengths[-1][0] + 1)]
+            edges = [n - 0.5 for n in range(lengths[0][0], lengths[-1][0] + 2)]
+        cells = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{_num('outputs.finish_reasons.' + k, v)}</td></tr>"
+                        for k, v in reasons.items())
         out.append("<h2>Output length and finish reasons</h2><div class=cols>"
-                   + _histogram(lengths, "tokens of the best candidate", bins=20)
-                   + _bar_chart(list(reasons), list(reasons.values()), "candidates") + "</div>")
+                   + _stairs(counts, edges, "tokens of the best candidate", "rows")
+                   + _bar_chart(list(reasons), list(reasons.values()), "candidates") + f"<table>{cells}</table></div>")
     out.append(_metrics(report))
-    if rows:
-        out.append(_generation_sample(rows))
+    if report.get("sample"):
+        out.append(_generation_sample(report["sample"]))
     return out
 
 
@@ -255,25 +287,21 @@ def _read_generations(path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _generation_sample(rows: list[dict]) -> str:
-    """Rows with references, worst ROUGE-L of the best candidate first; at most MAX_TABLE_ROWS."""
-    from pipeline.tasks.text_metrics import rouge_l_per_row
-
-    best = [r["candidates"][0]["text"] if r["candidates"] else "" for r in rows]
-    scored = list(zip(rouge_l_per_row(best, [r.get("references", []) for r in rows]), rows))
-    scored.sort(key=lambda x: (x[0] is None, x[0] if x[0] is not None else 0.0))
+def _generation_sample(sample: dict) -> str:
+    """report.json's sample: worst ROUGE-L of the best candidate first, with the prompt."""
     parts = []
-    for rouge, r in scored[:MAX_TABLE_ROWS]:
-        cands = _table(["#", "score", "finish", "text"],
-                       [[str(i + 1), f"{c['score']:.3f}", _esc(c["finish_reason"]), _esc(_cut(c["text"]))]
-                        for i, c in enumerate(r["candidates"])])
-        refs = "".join(f"<li>{_esc(_cut(x))}</li>" for x in r.get("references", []))
-        shown = "n/a" if rouge is None else f"{rouge:.3f}"
-        parts.append(f'<details class="sample" data-id="{_esc(r["id"])}"><summary>{_esc(r["id"])}: ROUGE-L {shown}'
-                     f" - {_esc(_cut(r['candidates'][0]['text'] if r['candidates'] else ''))[:120]}</summary>"
+    for i, r in enumerate(sample["rows"]):
+        cands = _table(["#", "score", "tokens", "finish", "text"],
+                       [[str(k + 1), f"{c['score']:.3f}", str(c["num_tokens"]), _esc(c["finish_reason"]),
+                         _esc(_cut(c["text"]))] for k, c in enumerate(r["candidates"])])
+        refs = "".join(f"<li>{_esc(_cut(x))}</li>" for x in r["references"]) or "<li>none</li>"
+        best = r["candidates"][0]["text"] if r["candidates"] else ""
+        parts.append(f'<details class="sample" data-id="{_esc(r["id"])}"><summary>{_esc(r["id"])}: ROUGE-L '
+                     f'{_num(f"sample.rows.{i}.rouge_l", r["rouge_l"])} - {_esc(_cut(best)[:120])}</summary>'
+                     f'<p>prompt ({_where(r)})</p><pre class="prompt">{_text(r, "prompt")}</pre>'
                      f"{cands}<p>references</p><ul>{refs}</ul></details>")
-    return (f"<h2>Sample of rows</h2><p>{min(len(rows), MAX_TABLE_ROWS)} of {len(rows)} rows, worst ROUGE-L first "
-            "(click a row for its ranked candidates and references)</p>" + "".join(parts))
+    return (f"<h2>Sample of rows</h2><p>{len(sample['rows'])} of {_num('sample.of', sample['of'])} rows, "
+            f"{_esc(sample['order'])} (click a row for its prompt, ranked candidates and references)</p>" + "".join(parts))
 
 
 # --------------------------------------------------------------------------- compare

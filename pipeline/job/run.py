@@ -14,6 +14,7 @@ import json
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from pipeline import __version__
@@ -24,6 +25,7 @@ from pipeline.engine.engine import Backend, BackendUnavailable
 from pipeline.engine.modeldir import ModelInfo
 from pipeline.io.qrels import read_qrels
 from pipeline.io.reader import InputError
+from pipeline.io.row_texts import read_row_texts
 from pipeline.io.store import RunStore
 from pipeline.job.feeder import WORKER_DIED, ChunkFeeder, RunError
 from pipeline.job.report import Tally, Timing, build_report, progress_bar
@@ -83,8 +85,8 @@ def run(cfg: RunConfig, model: ModelInfo, cancel: CancelToken | None = None, bac
             timing.startup = time.perf_counter() - timing.started
             _score_windows(task, engine, feeder, store, settings, tally, cancel)
         t0 = time.perf_counter()
-        sections = task.finish(store, FinishSpec(settings.run_tag, reader.has_label, judgements, settings.recall_k),
-                               cancel)
+        sections = task.finish(store, FinishSpec(settings.run_tag, reader.has_label, judgements, settings.recall_k,
+                                                 row_texts=partial(read_row_texts, reader)), cancel)
         timing.rank = store.rank_seconds
         tally.write_seconds += time.perf_counter() - t0 - timing.rank
         rows_read = {name: count.rows_read for name, count in reader.counts.items()}

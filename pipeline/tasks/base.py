@@ -10,7 +10,7 @@ The job layer (`pipeline.job`) drives any task the same way:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,9 @@ class FinishSpec:
     labelled: bool  # some input row has a label (or reference)
     judgements: Judgements | None = None  # qrels: the metrics use them instead of the labels
     recall_k: int | None = None  # also report recall at this depth
+    # the input texts of a few rows, read again (`pipeline.io.row_texts.read_row_texts` on the
+    # run's reader): {row: {"file", "line", "query", "doc" | "prompt"}}; None = no texts
+    row_texts: Callable[[Collection[int]], dict[int, dict]] | None = None
 
 
 @dataclass

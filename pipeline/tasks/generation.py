@@ -25,6 +25,7 @@ decoder order; both scores are written.
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections.abc import Callable
@@ -278,18 +279,21 @@ class Generation:
         return table.take(pa.array(order)), per_file
 
     def finish(self, store: RunStore, spec: FinishSpec, cancel: CancelToken | None) -> dict:
-        from pipeline.tasks.text_metrics import generation_metrics
+        from pipeline.tasks.text_metrics import generation_metrics, rouge_l_per_row
 
         cancel = cancel or CancelToken()
-        hyps, refs = [], []
+        hyps, refs, rouge = [], [], []
+        sample, outputs = _Sample(), _OutputSummary()
         with open(store.partial / "generations.jsonl", "w", encoding="utf-8", newline="\n") as gen, \
                 open(store.partial / "predictions.tsv", "w", encoding="utf-8", newline="\n") as pred:
             pred.write("id\tprediction\n")
             for w in range(store.windows):
                 cancel.check()
-                t = store.read_part(w, ["id", "prompt_tokens", "prompt_truncated", "references", "candidates"]).to_pydict()
-                for rid, n, cut, ref, cand in zip(t["id"], t["prompt_tokens"], t["prompt_truncated"], t["references"],
-                                                  t["candidates"]):
+                t = store.read_part(w, ["row", "id", "prompt_tokens", "prompt_truncated", "references",
+                                        "candidates"]).to_pydict()
+                rows = []
+                for row, rid, n, cut, ref, cand in zip(t["row"], t["id"], t["prompt_tokens"], t["prompt_truncated"],
+                                                       t["references"], t["candidates"]):
                     cands, ref = json.loads(cand), json.loads(ref)
                     rec = {"id": rid, "prompt_tokens": n, "prompt_truncated": cut, "candidates": cands}
                     if ref:
@@ -297,11 +301,78 @@ class Generation:
                     gen.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     best = cands[0]["text"] if cands else ""
                     pred.write(f"{one_line(rid)}\t{one_line(best)}\n")
+                    outputs.add(cands)
+                    rows.append((row, rid, best, ref, cands))
+                window_rouge = rouge_l_per_row([r[2] for r in rows], [r[3] for r in rows])
+                for (row, rid, best, ref, cands), score in zip(rows, window_rouge):
+                    sample.add(row, rid, ref, cands, score)
                     if ref:
                         hyps.append(best)
                         refs.append(ref)
+                        rouge.append(score)
         _write_rejects(store)
-        return {"metrics": generation_metrics(hyps, refs) if spec.labelled else None}
+        return {"metrics": generation_metrics(hyps, refs, rouge_l=rouge) if spec.labelled else None,
+                "outputs": outputs.section(), "sample": sample.section(spec.row_texts)}
+
+
+SAMPLE_ROWS = 50  # rows report.json keeps for report.html's browsable sample
+SAMPLE_TEXT_CHARS = 400  # candidate and reference texts in the sample are cut here
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SAMPLE_TEXT_CHARS else text[:SAMPLE_TEXT_CHARS] + " ..."
+
+
+class _OutputSummary:
+    """Every row's best-candidate length and every candidate's finish reason, as counts."""
+
+    def __init__(self) -> None:
+        self.lengths: dict[int, int] = {}
+        self.reasons: dict[str, int] = {}
+
+    def add(self, cands: list[dict]) -> None:
+        if cands:
+            n = int(cands[0]["num_tokens"])
+            self.lengths[n] = self.lengths.get(n, 0) + 1
+        for c in cands:
+            self.reasons[c["finish_reason"]] = self.reasons.get(c["finish_reason"], 0) + 1
+
+    def section(self) -> dict:
+        return {"best_candidate_tokens": [[n, self.lengths[n]] for n in sorted(self.lengths)],
+                "finish_reasons": dict(sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+class _Sample:
+    """report.json's `sample`: the SAMPLE_ROWS rows with references of lowest ROUGE-L of the best
+    candidate (ties: input order), then, to fill up, the first rows without a reference."""
+
+    def __init__(self) -> None:
+        self.worst: list[tuple] = []  # (-rouge, -row, record): a max-heap of the lowest ROUGE-L kept
+        self.unreferenced: list[dict] = []
+        self.rows = 0
+
+    def add(self, row: int, rid: str, refs: list, cands: list[dict], rouge: float | None) -> None:
+        self.rows += 1
+        rec = {"id": rid, "row": int(row), "rouge_l": rouge, "references": [_cut(r) for r in refs if r is not None],
+               "candidates": [{"text": _cut(c["text"]), "score": c["score"], "num_tokens": c["num_tokens"],
+                               "finish_reason": c["finish_reason"]} for c in cands]}
+        if rouge is None:
+            if len(self.unreferenced) < SAMPLE_ROWS:
+                self.unreferenced.append(rec)
+        elif len(self.worst) < SAMPLE_ROWS:
+            heapq.heappush(self.worst, (-rouge, -row, rec))
+        elif (-rouge, -row) > self.worst[0][:2]:
+            heapq.heapreplace(self.worst, (-rouge, -row, rec))
+
+    def section(self, row_texts) -> dict:
+        rows = [rec for _, _, rec in sorted(self.worst, key=lambda x: (-x[0], -x[1]))]
+        rows += self.unreferenced[:SAMPLE_ROWS - len(rows)]
+        texts = row_texts([r["row"] for r in rows]) if row_texts is not None else {}
+        for r in rows:
+            t = texts.get(r["row"], {})
+            r.update(file=t.get("file"), line=t.get("line"), prompt=t.get("prompt"))
+        return {"rows": rows, "of": self.rows, "order": "lowest ROUGE-L of the best candidate first, then rows "
+                "without a reference in input order"}
 
 
 def _write_rejects(store: RunStore) -> None:

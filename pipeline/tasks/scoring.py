@@ -54,6 +54,18 @@ def scored_output(items: list[Item], scores: list[np.ndarray], reasons: list[dic
     return table, sorted(rejects, key=lambda r: r.row), per_file
 
 
+def _add_texts(worst: list[dict], row_texts) -> None:
+    """The worst queries' query text and their top documents' texts, file and line (read again
+    from the inputs); None where the input has no texts (pre-tokenized)."""
+    texts = row_texts([d["row"] for w in worst for d in w["top"]])
+    for w in worst:
+        found = [texts[d["row"]] for d in w["top"] if d["row"] in texts]
+        w["query"] = found[0]["query"] if found else None
+        for d in w["top"]:
+            t = texts.get(d["row"], {})
+            d.update(file=t.get("file"), line=t.get("line"), text=t.get("doc"))
+
+
 class _Scoring:
     """What both scoring tasks share: the committed table, the final files and the metrics."""
 
@@ -78,9 +90,11 @@ class _Scoring:
         out = write_ranking_outputs(store, spec.run_tag, spec.labelled or spec.judgements is not None, cancel,
                                     judgements=spec.judgements, recall_k=spec.recall_k)
         sections = {"metrics": out.metrics.to_dict() if out.metrics else None,
-                    "outputs": {"trec_escaped_rows": out.trec_escaped_rows}}
+                    "outputs": {"trec_escaped_rows": out.trec_escaped_rows}, "scores": out.scores_section()}
         if out.metrics is not None and out.ndcg_counts is not None:
             sections["queries"] = out.queries_section()
+            if spec.row_texts is not None:
+                _add_texts(sections["queries"]["worst"], spec.row_texts)
         return sections
 
     def process(self, engine: Engine, items: list[Item], results: list[TokenizeResult], file_index: dict[str, int],

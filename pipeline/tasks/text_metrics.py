@@ -33,16 +33,21 @@ def _usable(refs: Sequence[str | None] | None) -> list[str]:
     return [r for r in (refs or ()) if r is not None and r.strip()]
 
 
-def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> dict | None:
+def generation_metrics(hypotheses: list[str], references: list[list[str]],
+                       rouge_l: list[float | None] | None = None) -> dict | None:
     """Corpus BLEU and chrF (sacrebleu defaults, 0-100) and mean ROUGE-L F1 (0-1).
 
     `references[i]` holds the references of `hypotheses[i]`: any number of them, possibly none.
     Only rows with at least one (non-blank) reference count. Returns None when no row has one,
     else {"rows_with_reference", "bleu", "chrf", "rouge_l", "bleu_signature", "chrf_signature"}.
+    `rouge_l`: `rouge_l_per_row(hypotheses, references)` when the caller has it already.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
-    rows = [(h, refs) for h, refs in zip(hypotheses, map(_usable, references)) if refs]
+    if rouge_l is not None and len(rouge_l) != len(hypotheses):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(rouge_l)} ROUGE-L values")
+    usable = list(map(_usable, references))
+    rows = [(h, refs) for h, refs in zip(hypotheses, usable) if refs]
     if not rows:
         return None
     for h, _ in rows:
@@ -57,7 +62,8 @@ def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> di
     bleu_score = bleu.corpus_score(hyps, streams)
     chrf_score = chrf.corpus_score(hyps, streams)
 
-    rouge = rouge_l_per_row(hyps, [refs for _, refs in rows])
+    rouge = (rouge_l_per_row(hyps, [refs for _, refs in rows]) if rouge_l is None
+             else [v for v, refs in zip(rouge_l, usable) if refs])
 
     return {"rows_with_reference": len(rows),
             "bleu": float(bleu_score.score),

@@ -2,11 +2,13 @@
 numbers equal report.json's, it stays small, `pipeline report OUT --compare OTHER` rebuilds it,
 and a headless Chromium renders it from disk with the network off."""
 
+import html
 import json
 import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -89,10 +91,33 @@ def test_scoring_page_per_query_ndcg_and_worst_queries_equal_the_files(scoring_r
     for w in worst:  # the top documents are ranked.tsv's, in its order
         assert [d["doc_id"] for d in w["top"]] == [r[1] for r in ranked if r[0] == w["qid"]][:10]
     assert any(d["label"] is not None for w in worst for d in w["top"])
+    # the texts, file and line of the input rows, read again from the input
+    data = scoring_run.parent / "in.tsv"
+    lines = data.read_text(encoding="utf-8").splitlines()
+    head = lines[0].split("\t")
+    by_pair = {}
+    for n, line in enumerate(lines[1:], start=2):
+        f = dict(zip(head, line.split("\t")))
+        by_pair.setdefault((f["qid"], f.get("doc_id")), (n, f))
+    for w in worst:
+        for d in w["top"]:
+            n, f = by_pair[(w["qid"], d["doc_id"])]
+            assert (d["file"], d["line"], d["text"]) == (str(data), n, f["doc"][:400] + (" ..." if len(f["doc"]) > 400 else ""))
+        assert w["query"] == by_pair[(w["qid"], w["top"][0]["doc_id"])][1]["query"]
     page = _check_numbers(scoring_run)  # every label and NDCG on the page equals report.json's
     assert "queries.worst.0.ndcg_at_10" in page.values and "queries.worst.0.top.0.label" in page.values
     text = (scoring_run / "report.html").read_text()
     assert text.count('class="worst-query"') == len(worst)
+    assert html.escape(worst[0]["query"], quote=True) in text
+    assert html.escape(f'{worst[0]["top"][0]["file"]}:{worst[0]["top"][0]["line"]}', quote=True) in text
+    # the score histogram holds every scored pair
+    scores = report["scores"]
+    assert scores["pairs"] == report["rows"]["scored"] == sum(scores["counts"]) + scores["nonfinite"]
+    assert len(scores["bins"]) == len(scores["counts"]) + 1 and scores["nonfinite"] == 0
+    assert page.values["scores.pairs"] == [scores["pairs"]]
+    ranked_scores = [float(r[3]) for r in ranked]
+    assert scores["bins"][0] == pytest.approx(min(ranked_scores), abs=1e-6)
+    assert scores["bins"][-1] == pytest.approx(max(ranked_scores), abs=1e-6)
     windows = report["throughput"]["windows"]
     assert windows and sum(w[1] for w in windows) == report["rows"]["scored"] + report["rows"]["rejected"]
     assert f'data-windows="{len(windows)}"' in text
@@ -130,9 +155,31 @@ def test_generation_page_numbers_equal_report_json(tiny_decoder_dir, tmp_path):
     out = tmp_path / "out"
     run(cfg_for([src], out), load_model_info(tiny_decoder_dir))
     page = _check_numbers(out)
-    assert {"rows.generated", "generated_tokens_per_second", "metrics.rouge_l"} <= set(page.values)
+    assert {"rows.generated", "generated_tokens_per_second", "metrics.rouge_l", "sample.of"} <= set(page.values)
     assert page.svgs >= 3  # stages, output lengths, finish reasons
-    assert (out / "report.html").read_text().count('class="sample"') == 12
+    text = (out / "report.html").read_text()
+    assert text.count('class="sample"') == 12
+    # the sample: every row (12 < SAMPLE_ROWS), worst ROUGE-L first (recomputed here from the
+    # published rows), each with its prompt, file and line read again from the input
+    from pipeline.tasks.text_metrics import rouge_l_per_row
+
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    rouge = dict(zip((r["id"] for r in rows), rouge_l_per_row([r["candidates"][0]["text"] for r in rows],
+                                                              [r["references"] for r in rows])))
+    sample = report["sample"]
+    assert sample["of"] == 12 and [r["id"] for r in sample["rows"]] == sorted(rouge, key=lambda i: (rouge[i], i))
+    inputs = {o["id"]: (n, o) for n, o in enumerate(map(json.loads, src.read_text().splitlines()), start=1)}
+    for r in sample["rows"]:
+        n, o = inputs[r["id"]]
+        assert r["rouge_l"] == pytest.approx(rouge[r["id"]], abs=1e-12)
+        assert (r["prompt"], r["file"], r["line"], r["references"]) == (o["prompt"], str(src), n, [o["reference"]])
+        assert html.escape(o["prompt"], quote=True) in text
+    lengths = Counter(r["candidates"][0]["num_tokens"] for r in rows)
+    assert report["outputs"]["best_candidate_tokens"] == [[n, lengths[n]] for n in sorted(lengths)]
+    reasons = Counter(c["finish_reason"] for r in rows for c in r["candidates"])
+    assert report["outputs"]["finish_reasons"] == dict(reasons)
+    assert all(f"outputs.finish_reasons.{k}" in page.values for k in reasons)
     other = tmp_path / "other"
     shutil.copytree(out, other)
     rows = [json.loads(line) for line in (other / "generations.jsonl").read_text().splitlines()]
@@ -145,16 +192,32 @@ def test_generation_page_numbers_equal_report_json(tiny_decoder_dir, tmp_path):
 
 
 def test_a_large_run_stays_under_the_size_limit(tmp_path):
-    """A synthetic 1,000,000-pair run's files: the page summarises, it does not list rows."""
+    """A 1,000,000-pair run's report.json at its largest (every bounded section full, every
+    text at its cut length): the page summarises, it does not list rows, and it reads no
+    per-row file (there is no ranked.tsv here)."""
+    from pipeline.io.exports import NDCG_BINS, SCORE_BINS, WORST_QUERIES, WORST_TOP_DOCS
+    from pipeline.io.row_texts import MAX_TEXT_CHARS
+
     out = tmp_path / "big"
     out.mkdir()
     report = json.loads((Path(__file__).parent / "report_fixture.json").read_text())
     report["rows"] = {"read": 1_000_000, "scored": 1_000_000, "rejected": 0}
+    long = "<&word> " * (MAX_TEXT_CHARS // 8) + " ..."
+    report["scores"] = {"pairs": 1_000_000, "bins": [i / SCORE_BINS for i in range(SCORE_BINS + 1)],
+                        "counts": [1_000_000 // SCORE_BINS] * SCORE_BINS, "nonfinite": 0}
+    report["queries"] = {"ndcg_at_10_bins": [i / NDCG_BINS for i in range(NDCG_BINS + 1)],
+                         "ndcg_at_10_counts": [100_000 // NDCG_BINS] * NDCG_BINS, "file": "queries.tsv",
+                         "worst": [{"qid": f"q{i}", "ndcg_at_10": 0.0, "query": long,
+                                    "top": [{"doc_id": f"d{i}-{j}", "rank": j + 1, "score": 0.5, "label": 0.0,
+                                             "row": j, "file": "data/big.tsv", "line": 10_000_000 + j, "text": long}
+                                            for j in range(WORST_TOP_DOCS)]} for i in range(WORST_QUERIES)]}
+    report["throughput"] = {"windows": [[float(i + 1), 5000, 640_000, 1] for i in range(200)]}
     (out / "report.json").write_text(json.dumps(report))
-    with open(out / "ranked.tsv", "w") as f:
-        f.write("qid\tdoc_id\trank\tscore\n")
-        f.writelines(f"q{i // 10}\td{i}\t{i % 10 + 1}\t{(i * 7919 % 1000) / 1000}\n" for i in range(1_000_000))
-    assert len(build_page(out).encode()) < SIZE_LIMIT_BYTES
+    size = len(build_page(out).encode())
+    assert size < SIZE_LIMIT_BYTES, size
+    del report["scores"], report["queries"]  # a run of an older version: the page says what is missing
+    (out / "report.json").write_text(json.dumps(report))
+    assert "not in report.json (a run of an older version)" in build_page(out)
 
 
 def test_chromium_renders_the_page_offline(scoring_run):
