@@ -40,36 +40,35 @@ def _run(smol, src: Path, out: Path, max_batch_size: int = 64, **gen) -> dict:
     return {r["id"]: r for r in map(json.loads, (out / "generations.jsonl").read_text().splitlines())}
 
 
-def test_chat_answers_paris_and_rows_do_not_depend_on_their_batch(smol, tmp_path):
-    together = _write(tmp_path / "all.jsonl", [(f"q{i}", q) for i, q in enumerate(QUESTIONS)])
-    for gen in ({}, {"num_beams": 2, "num_return_sequences": 2}):
-        tag = "beam" if gen else "greedy"
-        batch = _run(smol, together, tmp_path / f"all-{tag}", **gen)
-        if not gen:
-            best = batch["q0"]["candidates"][0]
-            assert best["text"] == "The capital of France is Paris."
-            assert best["finish_reason"] == "eos" and best["token_ids"][-1] == 2
-        for i, q in enumerate(QUESTIONS[:2]):
-            rid = f"q{i}"
-            alone = _run(smol, _write(tmp_path / f"one{i}.jsonl", [(rid, q)]), tmp_path / f"one{i}-{tag}", **gen)
-            assert [c["token_ids"] for c in alone[rid]["candidates"]] == \
-                [c["token_ids"] for c in batch[rid]["candidates"]]
-
-
-def test_continuous_batching_gives_the_static_tokens_on_the_real_weights(smol, tmp_path):
-    """One slot (--max-batch-size = rows per prompt), so each later prompt is prefilled into the
-    running batch's freed rows at the shared column (and the cache compacted), against static
-    batches of one prompt each: the same tokens, greedy and beam, log-probabilities to 1e-3."""
+def test_paris_batch_independence_and_continuous_batching_on_the_real_weights(smol, tmp_path):
+    """Greedy and beam search, three runs each over the same three prompts:
+    - one static batch of all prompts: the chat prompt answers "Paris", ending at EOS;
+    - static batches of one prompt each (--max-batch-size = rows per prompt): each row's tokens
+      equal its tokens in the shared batch (a row does not depend on its batch);
+    - continuous batching with one slot, so each later prompt is prefilled into the running
+      batch's freed rows at the shared column (and the cache compacted): the same tokens as the
+      one-prompt static batches, log-probabilities to 1e-3.
+    (One test, so the 12 runs' worth of checks cost 6 runs: each run builds its predictors.)"""
     src = _write(tmp_path / "all.jsonl", [(f"q{i}", q) for i, q in enumerate(QUESTIONS)])
     for gen in ({}, {"num_beams": 2, "num_return_sequences": 2}):
         rows = gen.get("num_beams", 1)
         tag = "beam" if gen else "greedy"
+        together = _run(smol, src, tmp_path / f"all-{tag}", **gen)
+        if not gen:
+            best = together["q0"]["candidates"][0]
+            assert best["text"] == "The capital of France is Paris."
+            assert best["finish_reason"] == "eos" and best["token_ids"][-1] == 2
         static = _run(smol, src, tmp_path / f"static-{tag}", max_batch_size=rows, batching="static", **gen)
+        report = json.loads((tmp_path / f"static-{tag}" / "report.json").read_text())
+        assert report["tokens"]["batches"] == len(QUESTIONS)  # one prompt per batch
         cont = _run(smol, src, tmp_path / f"cont-{tag}", max_batch_size=rows, batching="continuous", **gen)
         report = json.loads((tmp_path / f"cont-{tag}" / "report.json").read_text())
         assert report["tokens"]["inserts"] == len(QUESTIONS) - 1 and report["tokens"]["batches"] == 1
         assert report["settings"]["generation"]["batching"] == "continuous"
+        assert sorted(together) == sorted(static) == sorted(cont) == [f"q{i}" for i in range(len(QUESTIONS))]
         for rid in static:
-            assert [c["token_ids"] for c in cont[rid]["candidates"]] == [c["token_ids"] for c in static[rid]["candidates"]]
+            tokens = [c["token_ids"] for c in static[rid]["candidates"]]
+            assert [c["token_ids"] for c in together[rid]["candidates"]] == tokens, (tag, rid)
+            assert [c["token_ids"] for c in cont[rid]["candidates"]] == tokens, (tag, rid)
             assert [c["sum_logprob"] for c in cont[rid]["candidates"]] == pytest.approx(
                 [c["sum_logprob"] for c in static[rid]["candidates"]], abs=1e-3)
