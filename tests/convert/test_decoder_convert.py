@@ -7,7 +7,8 @@ directory is refused without force; a failed validation leaves neither the direc
 staging folder; `ensure_decoder_converted` reuses a matching conversion and redoes a stale one;
 an unsupported source is refused with a message saying what is expected. Then the real
 SmolLM2-135M-Instruct GGUF, converted into the CLI's cache (`.cache/models/SmolLM2-135M-Instruct`)
-by `ensure_decoder_converted` when it is missing or stale (45-80 s on 2 cores), reused otherwise.
+by `ensure_decoder_converted` when it is missing or stale (about 45 s on 2 cores since the export
+traces its programs), reused otherwise.
 """
 
 import zlib  # noqa: F401 - before paddle
@@ -185,7 +186,7 @@ def test_unsupported_sources(tmp_path, tiny_src):
 @pytest.fixture(scope="module")
 def smol_dir():
     """The CLI's cached conversion (converted here when missing or stale): a fresh conversion
-    takes 45-80 s on 2 cores, too long to repeat per run."""
+    takes about 45 s on 2 cores, too long to repeat per run."""
     from pipeline.config import DEFAULT_GENERATION_MODEL_NAME, cache_dir
 
     path = default_gguf_path()

@@ -102,7 +102,8 @@ def test_scoring_page_per_query_ndcg_and_worst_queries_equal_the_files(scoring_r
     for w in worst:
         for d in w["top"]:
             n, f = by_pair[(w["qid"], d["doc_id"])]
-            assert (d["file"], d["line"], d["text"]) == (str(data), n, f["doc"][:400] + (" ..." if len(f["doc"]) > 400 else ""))
+            cut = f["doc"][:400] + (" ..." if len(f["doc"]) > 400 else "")
+            assert (d["file"], d["line"], d["text"]) == (str(data), n, cut)
         assert w["query"] == by_pair[(w["qid"], w["top"][0]["doc_id"])][1]["query"]
     page = _check_numbers(scoring_run)  # every label and NDCG on the page equals report.json's
     assert "queries.worst.0.ndcg_at_10" in page.values and "queries.worst.0.top.0.label" in page.values
