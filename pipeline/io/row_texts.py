@@ -17,12 +17,13 @@ from collections.abc import Collection
 
 from pipeline.io.rows import Chunk, PromptChunk
 
-__all__ = ["MAX_TEXT_CHARS", "read_row_texts"]
+__all__ = ["MAX_TEXT_CHARS", "cut_text", "read_row_texts"]
 
 MAX_TEXT_CHARS = 400
 
 
-def _cut(text: str | None) -> str | None:
+def cut_text(text: str | None) -> str | None:
+    """`text` cut at MAX_TEXT_CHARS characters (marked ` ...`); None stays None."""
     if text is None:
         return None
     return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS] + " ..."
@@ -50,12 +51,12 @@ def read_row_texts(reader, rows: Collection[int]) -> dict[int, dict]:
             for i in (i for i, r in enumerate(chunk.row.tolist()) if r in wanted):
                 rec = {"file": chunk.file, "line": int(chunk.line[i])}
                 if isinstance(chunk, PromptChunk):
-                    rec["prompt"] = _cut(chunk.prompt[i] if chunk.prompt is not None
+                    rec["prompt"] = cut_text(chunk.prompt[i] if chunk.prompt is not None
                                          else _messages_text(chunk.messages[i]))
                 else:
                     assert isinstance(chunk, Chunk), f"unknown chunk type {type(chunk).__name__}"
-                    rec["query"] = _cut(chunk.query[i]) if chunk.query is not None else None
-                    rec["doc"] = _cut(chunk.doc[i]) if chunk.doc is not None else None
+                    rec["query"] = cut_text(chunk.query[i]) if chunk.query is not None else None
+                    rec["doc"] = cut_text(chunk.doc[i]) if chunk.doc is not None else None
                 found[int(chunk.row[i])] = rec
             if len(found) == len(wanted) or int(chunk.row[-1]) >= last:
                 break

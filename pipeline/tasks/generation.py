@@ -43,6 +43,7 @@ from pipeline.engine.prompt_text import DETOKENIZE, PromptEncoderSpec
 from pipeline.engine.text import TokenizeRequest
 from pipeline.errors import ConfigError
 from pipeline.io.prompts import PromptReader
+from pipeline.io.row_texts import cut_text
 from pipeline.io.rows import PromptChunk, Reject
 from pipeline.io.store import RunStore, clean
 from pipeline.tasks.base import FinishSpec, InputSpec, Item, WindowOutput
@@ -315,12 +316,7 @@ class Generation:
                 "outputs": outputs.section(), "sample": sample.section(spec.row_texts)}
 
 
-SAMPLE_ROWS = 50  # rows report.json keeps for report.html's browsable sample
-SAMPLE_TEXT_CHARS = 400  # candidate and reference texts in the sample are cut here
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= SAMPLE_TEXT_CHARS else text[:SAMPLE_TEXT_CHARS] + " ..."
+SAMPLE_ROWS = 50  # rows report.json keeps for report.html's browsable sample (texts cut as the prompts)
 
 
 class _OutputSummary:
@@ -353,8 +349,8 @@ class _Sample:
 
     def add(self, row: int, rid: str, refs: list, cands: list[dict], rouge: float | None) -> None:
         self.rows += 1
-        rec = {"id": rid, "row": int(row), "rouge_l": rouge, "references": [_cut(r) for r in refs if r is not None],
-               "candidates": [{"text": _cut(c["text"]), "score": c["score"], "num_tokens": c["num_tokens"],
+        rec = {"id": rid, "row": int(row), "rouge_l": rouge, "references": [cut_text(r) for r in refs if r is not None],
+               "candidates": [{"text": cut_text(c["text"]), "score": c["score"], "num_tokens": c["num_tokens"],
                                "finish_reason": c["finish_reason"]} for c in cands]}
         if rouge is None:
             if len(self.unreferenced) < SAMPLE_ROWS:
