@@ -261,14 +261,10 @@ def _generation_sections(report: dict, out_dir: Path) -> list[str]:
            _throughput(report, "generated")]
     o = report.get("outputs") or {}
     if o.get("best_candidate_tokens"):
-        lengths = o["best_candidate_tokens"]
+        lengths = dict(o["best_candidate_tokens"])  # [[tokens, rows], ...], ascending
         reasons = o["finish_reasons"]
-        edges = [n - 0.5 for n, _ in lengths] + [lengths[-1][0] + 0.5]
-        counts = [c for _, c in lengths]
-        if len(lengths) > 1 and edges[-1] - edges[0] > len(lengths):  # gaps: spread over every length between
-            full = dict(lengths)
-            counts = [full.get(n, 0) for n in range(lengths[0][0], lengths[-1][0] + 1)]
-            edges = [n - 0.5 for n in range(lengths[0][0], lengths[-1][0] + 2)]
+        span = range(min(lengths), max(lengths) + 1)  # every length between (at most max_new_tokens)
+        counts, edges = [lengths.get(n, 0) for n in span], [n - 0.5 for n in span] + [span[-1] + 0.5]
         cells = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{_num('outputs.finish_reasons.' + k, v)}</td></tr>"
                         for k, v in reasons.items())
         out.append("<h2>Output length and finish reasons</h2><div class=cols>"
